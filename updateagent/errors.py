@@ -1,0 +1,35 @@
+"""The agent's typed exception hierarchy. Every error names the problem and where it is."""
+
+from __future__ import annotations
+
+
+class UpdateAgentError(Exception):
+    """Base of every error the agent raises on purpose."""
+
+
+class GptError(UpdateAgentError):
+    """A GPT that cannot be read or written (bad CRC, bad signature, no such slot)."""
+
+
+class ChannelError(UpdateAgentError):
+    """A channel that cannot be fetched or whose manifest is malformed."""
+
+
+class SignatureError(ChannelError):
+    """A manifest whose signature is missing, malformed, or from an untrusted key."""
+
+
+class DownloadError(UpdateAgentError):
+    """A server answer that is not what it claims, or a transfer that failed for good."""
+
+
+class PayloadError(UpdateAgentError):
+    """A payload that does not match its manifest (size, sha256, compression, slot size)."""
+
+
+class PolicyRefused(UpdateAgentError):
+    """A release the agent refuses by rule: a downgrade, a denied version, a dead end."""
+
+
+class HealthCheckError(UpdateAgentError):
+    """A health check that failed after boot."""
