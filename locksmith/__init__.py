@@ -1,26 +1,32 @@
-"""locksmith: cluster reboot coordination on etcd v3 (semaphore, policies, maintenance windows)."""
+"""locksmith: cluster reboot coordination on etcd v3 (semaphore, policies, maintenance windows).
 
-from locksmith.errors import (
-    CorruptValueError,
-    EtcdAuthError,
-    EtcdError,
-    EtcdUnavailableError,
-    InvalidArgumentError,
-    LocksmithError,
-    NotHeldError,
-    SlotUnavailableError,
-)
-from locksmith.etcd import Etcd, EtcdConfig
+The names below load on first use, so a process that only wants ``locksmith.log`` or
+``locksmith.clock`` (the update agent's apply worker, say) does not pay for the etcd client.
+"""
 
-__all__ = [
-    "CorruptValueError",
-    "Etcd",
-    "EtcdAuthError",
-    "EtcdConfig",
-    "EtcdError",
-    "EtcdUnavailableError",
-    "InvalidArgumentError",
-    "LocksmithError",
-    "NotHeldError",
-    "SlotUnavailableError",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "CorruptValueError": "locksmith.errors",
+    "EtcdAuthError": "locksmith.errors",
+    "EtcdError": "locksmith.errors",
+    "EtcdUnavailableError": "locksmith.errors",
+    "InvalidArgumentError": "locksmith.errors",
+    "LocksmithError": "locksmith.errors",
+    "NotHeldError": "locksmith.errors",
+    "SlotUnavailableError": "locksmith.errors",
+    "Etcd": "locksmith.etcd",
+    "EtcdConfig": "locksmith.etcd",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'locksmith' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
