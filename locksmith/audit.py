@@ -18,9 +18,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from locksmith.errors import CorruptValueError
+from locksmith.errors import CorruptValueError, EtcdError
 from locksmith.etcd import Delete, Etcd, Put
 from locksmith.keys import FORMAT_VERSION, Layout
+from locksmith.log import get_logger
+
+_log = get_logger(__name__)
 
 DEFAULT_KEEP = 1000
 PRUNE_SLACK = 100
@@ -120,15 +123,38 @@ async def _delete_range(etcd: Etcd, start: str, end: str) -> int:
 
 
 class Pruner:
-    """Prunes after every ``every`` audited writes of this process, so the trail stays bounded
-    (at most ``keep + slack + every * writers`` entries) without a read on every operation."""
+    """Keeps the trail bounded without a read on every operation: the first audited write of each
+    group in this process checks, then every ``every``-th one. Checking on the first write matters
+    for one-shot processes (each ``locksmithctl`` run writes once); the check itself is a cheap
+    count-only range read, and the pruning delete is one write however many entries go. Bound:
+    at most ``keep + slack + every * writers`` entries (writers = processes writing concurrently).
+
+    A failed prune is logged and ignored: the operation it follows has already been committed.
+    """
 
     def __init__(self, keep: int = DEFAULT_KEEP, every: int = 50) -> None:
         self.keep = keep
         self.every = every
-        self._n = 0
+        self._n: dict[str, int] = {}
 
     async def wrote(self, etcd: Etcd, layout: Layout) -> None:
-        self._n += 1
-        if self._n % self.every == 0:
-            await prune(etcd, layout, self.keep)
+        n = self._n.get(layout.audit, 0)
+        self._n[layout.audit] = n + 1
+        if n % self.every != 0:
+            return
+        try:
+            deleted = await prune(etcd, layout, self.keep)
+        except EtcdError as exc:
+            _log.warning("audit_prune_failed", group=layout.group, error=str(exc))
+            return
+        if deleted:
+            _log.debug("audit_pruned", group=layout.group, deleted=deleted)
+
+
+# The pruner every locksmith operation in this process reports its audited writes to.
+DEFAULT_PRUNER = Pruner()
+
+
+async def wrote(etcd: Etcd, layout: Layout) -> None:
+    """Tell the process-wide pruner that one audited operation on ``layout``'s group committed."""
+    await DEFAULT_PRUNER.wrote(etcd, layout)

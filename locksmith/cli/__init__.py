@@ -73,7 +73,9 @@ def _split_endpoints(values: tuple[str, ...]) -> tuple[str, ...]:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "LOCKSMITHCTL"})
+# auto_envvar_prefix would derive LOCKSMITHCTL_ENDPOINTS from the parameter name; locksmith's is _ENDPOINT.
 @click.option("--endpoint", "endpoints", multiple=True, default=(DEFAULT_ENDPOINT,), show_default=True,
+              envvar="LOCKSMITHCTL_ENDPOINT", show_envvar=True,
               help="etcd endpoint URL; repeat or comma-separate for several.")
 @click.option("--etcd-cafile", type=click.Path(dir_okay=False), help="CA bundle for etcd's TLS certificate.")
 @click.option("--etcd-certfile", type=click.Path(dir_okay=False), help="Client certificate (mTLS).")

@@ -1,0 +1,729 @@
+"""The etcd v3 reboot semaphore: at most ``max`` holders per group, waiters served first come,
+first served. docs/semaphore.md has the key layout, every transaction and why it is safe.
+
+In short: a holder is one key ``holders/<id>`` with no lease (a slot survives its holder's reboot);
+a waiter is one key ``queue/<id>`` on a lease its process keeps alive (a dead waiter leaves the
+queue within the TTL), ranked by create_revision. Each ``Semaphore`` object keeps one watch-driven
+mirror of its group; waiters sleep on it and only a waiter that the mirror shows among the first
+``available`` ones sends a grant transaction. Every write is a transaction whose compares make it
+safe whatever the mirror believed, so at no revision are there more than ``max`` holders.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Coroutine, Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from itertools import islice
+from typing import Any
+
+from locksmith import audit
+from locksmith.clock import SYSTEM_CLOCK, Clock
+from locksmith.errors import (
+    CorruptValueError,
+    EtcdError,
+    InvalidArgumentError,
+    LocksmithError,
+    SlotUnavailableError,
+    WatchCompactedError,
+)
+from locksmith.etcd import (
+    Compare,
+    Delete,
+    Etcd,
+    Event,
+    KeyValue,
+    Lease,
+    Put,
+    Target,
+    absent,
+    mod_revision_is,
+    unchanged_since,
+)
+from locksmith.keys import DEFAULT_PREFIX, FORMAT_VERSION, Layout, check_id
+from locksmith.log import get_logger
+
+_log = get_logger(__name__)
+
+DEFAULT_MAX = 1
+DEFAULT_HOLD = timedelta(hours=1)
+# try_lock re-reads after a lost race (someone else's write landed between its read and its txn);
+# a race is not "no slot", but the CLI must not loop for ever either.
+_TRY_ATTEMPTS = 5
+
+
+# -- public values ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Holder:
+    id: str
+    since: datetime
+    deadline: datetime | None
+    reason: str
+    by: str
+    revision: int  # the holder key's mod_revision (= its create_revision: holders are never rewritten)
+
+    def overdue(self, now: datetime) -> bool:
+        return self.deadline is not None and now > self.deadline
+
+
+@dataclass(frozen=True)
+class Waiter:
+    id: str
+    since: datetime
+    reason: str
+    by: str
+    revision: int  # the queue key's create_revision: the waiter's place in line
+
+
+@dataclass(frozen=True)
+class SemaphoreState:
+    group: str
+    max: int
+    holders: list[Holder]
+    queue: list[Waiter]  # FIFO order
+    paused: bool
+    revision: int
+
+    @property
+    def available(self) -> int:
+        return max(0, self.max - len(self.holders))
+
+
+# -- parsing ------------------------------------------------------------------------------------
+
+
+def _load(key: str, raw: bytes) -> dict[str, Any]:
+    try:
+        d = json.loads(raw)
+    except ValueError as exc:  # includes UnicodeDecodeError
+        raise CorruptValueError(key, f"not JSON ({exc})") from exc
+    if not isinstance(d, dict):
+        raise CorruptValueError(key, f"expected a JSON object, found a JSON {type(d).__name__}")
+    if "format_version" not in d:
+        fields = ", ".join(sorted(d)[:6]) or "none"
+        raise CorruptValueError(
+            key, f"no format_version (fields: {fields}); not a locksmith v{FORMAT_VERSION} record"
+        )
+    if d["format_version"] != FORMAT_VERSION:
+        raise CorruptValueError(key, f"format_version {d['format_version']!r}, expected {FORMAT_VERSION}")
+    return d
+
+
+def _str(key: str, d: dict[str, Any], name: str) -> str:
+    v = d.get(name, "")
+    if not isinstance(v, str):
+        raise CorruptValueError(key, f"field {name!r} is {type(v).__name__}, expected a string")
+    return v
+
+
+def _time(key: str, d: dict[str, Any], name: str, *, optional: bool = False) -> datetime | None:
+    v = d.get(name)
+    if v is None and optional:
+        return None
+    if not isinstance(v, str):
+        raise CorruptValueError(key, f"field {name!r} is missing or not a timestamp string")
+    try:
+        t = datetime.fromisoformat(v)
+    except ValueError as exc:
+        raise CorruptValueError(key, f"field {name!r} is not an ISO 8601 timestamp: {v!r}") from exc
+    if t.tzinfo is None:
+        raise CorruptValueError(key, f"field {name!r} has no time zone: {v!r}")
+    return t
+
+
+def _record_id(key: str, d: dict[str, Any], holder_id: str) -> None:
+    if d.get("id") != holder_id:
+        raise CorruptValueError(key, f"field 'id' is {d.get('id')!r}, expected {holder_id!r} (the key's name)")
+
+
+def _key_id(key: str, holder_id: str) -> None:
+    try:
+        check_id(holder_id)
+    except InvalidArgumentError as exc:
+        raise CorruptValueError(key, f"key name is not a valid id: {exc}") from exc
+
+
+def parse_holder(kv: KeyValue, holder_id: str) -> Holder:
+    _key_id(kv.key, holder_id)
+    d = _load(kv.key, kv.value)
+    _record_id(kv.key, d, holder_id)
+    since = _time(kv.key, d, "since")
+    assert since is not None
+    return Holder(
+        id=holder_id, since=since, deadline=_time(kv.key, d, "deadline", optional=True),
+        reason=_str(kv.key, d, "reason"), by=_str(kv.key, d, "by"), revision=kv.mod_revision,
+    )
+
+
+def parse_waiter(kv: KeyValue, holder_id: str) -> Waiter:
+    _key_id(kv.key, holder_id)
+    d = _load(kv.key, kv.value)
+    _record_id(kv.key, d, holder_id)
+    since = _time(kv.key, d, "since")
+    assert since is not None
+    return Waiter(id=holder_id, since=since, reason=_str(kv.key, d, "reason"), by=_str(kv.key, d, "by"),
+                  revision=kv.create_revision)
+
+
+def parse_policy(kv: KeyValue) -> tuple[dict[str, Any], int]:
+    """The policy document and the semaphore's max from it (``slots``; DEFAULT_MAX if unset)."""
+    d = _load(kv.key, kv.value)
+    slots = d.get("slots", DEFAULT_MAX)
+    # 0 is accepted (no new grants) so that a policy tool may use it; set_max itself wants >= 1.
+    if not isinstance(slots, int) or isinstance(slots, bool) or slots < 0:
+        raise CorruptValueError(kv.key, f"field 'slots' is {slots!r}, expected an integer >= 0")
+    return d, slots
+
+
+def parse_pause(kv: KeyValue) -> None:
+    _load(kv.key, kv.value)
+
+
+def _dumps(d: dict[str, Any]) -> bytes:
+    return json.dumps(d, separators=(",", ":")).encode()
+
+
+# -- the parsed view of one group ---------------------------------------------------------------
+
+
+class _View:
+    """The semaphore's keys of one group, parsed, exactly as of ``revision``. Values that do not
+    parse are kept in ``corrupt`` (key -> problem) so that a later fix or delete clears them."""
+
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+        self._reset()
+
+    def _reset(self) -> None:
+        self.revision = 0
+        self.policy_rev = 0  # mod_revision of the policy key; 0 = absent
+        self.policy_doc: dict[str, Any] = {}
+        self.max = DEFAULT_MAX
+        self.pause_rev = 0
+        self.holders: dict[str, Holder] = {}
+        self.queue: dict[str, Waiter] = {}  # kept in create_revision (FIFO) order
+        self.corrupt: dict[str, str] = {}
+
+    # -- building ---------------------------------------------------------------------------------
+
+    def load(self, kvs: Iterable[KeyValue], revision: int) -> None:
+        self._reset()
+        for kv in sorted(kvs, key=lambda k: k.create_revision):
+            self.put(kv)
+        self.revision = revision
+
+    def _kind(self, key: str) -> tuple[str, str]:
+        rel = key[len(self.layout.base):]
+        if rel in ("policy", "pause"):
+            return rel, ""
+        for kind in ("holders/", "queue/"):
+            if rel.startswith(kind):
+                return kind, rel[len(kind):]
+        return "", ""  # failures/ and anything else under the group is not the semaphore's
+
+    def put(self, kv: KeyValue) -> str:
+        kind, holder_id = self._kind(kv.key)
+        try:
+            if kind == "policy":
+                self.policy_rev = kv.mod_revision
+                self.policy_doc, self.max = parse_policy(kv)
+            elif kind == "pause":
+                self.pause_rev = kv.mod_revision
+                parse_pause(kv)
+            elif kind == "holders/":
+                self.holders.pop(holder_id, None)
+                self.holders[holder_id] = parse_holder(kv, holder_id)
+            elif kind == "queue/":
+                self._enqueue(parse_waiter(kv, holder_id))
+            else:
+                return ""
+        except CorruptValueError as exc:
+            self.corrupt[kv.key] = exc.problem
+            if kind == "queue/":
+                self.queue.pop(holder_id, None)
+            return holder_id
+        self.corrupt.pop(kv.key, None)
+        return holder_id
+
+    def _enqueue(self, w: Waiter) -> None:
+        old = self.queue.get(w.id)
+        if old is not None and old.revision == w.revision:
+            self.queue[w.id] = w  # a re-put keeps its place
+            return
+        self.queue.pop(w.id, None)
+        if not self.queue or next(reversed(self.queue.values())).revision < w.revision:
+            self.queue[w.id] = w  # the usual case: a new key is the newest
+            return
+        self.queue[w.id] = w
+        self.queue = dict(sorted(self.queue.items(), key=lambda item: item[1].revision))
+
+    def delete(self, key: str) -> str:
+        kind, holder_id = self._kind(key)
+        self.corrupt.pop(key, None)
+        if kind == "policy":
+            self.policy_rev, self.policy_doc, self.max = 0, {}, DEFAULT_MAX
+        elif kind == "pause":
+            self.pause_rev = 0
+        elif kind == "holders/":
+            self.holders.pop(holder_id, None)
+        elif kind == "queue/":
+            self.queue.pop(holder_id, None)
+        return holder_id
+
+    # -- reading ----------------------------------------------------------------------------------
+
+    def check(self) -> None:
+        if self.corrupt:
+            key = min(self.corrupt)
+            raise CorruptValueError(key, self.corrupt[key])
+
+    @property
+    def paused(self) -> bool:
+        return self.pause_rev != 0
+
+    @property
+    def available(self) -> int:
+        return max(0, self.max - len(self.holders))
+
+    def first(self, n: int) -> Iterable[str]:
+        return islice(self.queue, n)
+
+    def eligible(self, holder_id: str) -> bool:
+        """Among the first ``available`` waiters and not paused: this waiter may try its grant."""
+        return not self.paused and holder_id in self.first(self.available)
+
+    def fast_path_open(self) -> bool:
+        return not self.paused and not self.queue and self.available > 0
+
+    def policy_compare(self) -> Compare:
+        if self.policy_rev:
+            return mod_revision_is(self.layout.policy, self.policy_rev)
+        return absent(self.layout.policy)
+
+    def state(self) -> SemaphoreState:
+        self.check()
+        return SemaphoreState(
+            group=self.layout.group, max=self.max,
+            holders=sorted(self.holders.values(), key=lambda h: (h.revision, h.id)),
+            queue=list(self.queue.values()), paused=self.paused, revision=self.revision,
+        )
+
+
+async def _read(etcd: Etcd, layout: Layout) -> _View:
+    kvs, revision = await etcd.get_prefix(layout.base)
+    view = _View(layout)
+    view.load(kvs, revision)
+    return view
+
+
+# -- the mirror ---------------------------------------------------------------------------------
+
+
+class _Mirror:
+    """One watch-driven copy of a group's semaphore keys, shared by every lock() of one Semaphore.
+
+    Its ``view`` is exact as of ``view.revision``: the revision of the last applied event (not the
+    watch header's, which etcd may set past events it has not sent yet). After each batch it wakes
+    only the local waiters the batch concerns: those whose own keys changed and those now eligible
+    (or all of them when a value is corrupt), so a process with many waiters does O(free slots)
+    work per event, not O(waiters).
+    """
+
+    def __init__(self, etcd: Etcd, layout: Layout) -> None:
+        self.etcd = etcd
+        self.layout = layout
+        self.view = _View(layout)
+        self.closed = False
+        self._local: dict[str, list[asyncio.Event]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """The first read happens in the caller, so that an unreachable etcd is the caller's error."""
+        self.view = await _read(self.etcd, self.layout)
+        self._task = asyncio.create_task(self._run(), name=f"semaphore-mirror-{self.layout.group}")
+
+    async def close(self) -> None:
+        self.closed = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._wake_all()
+
+    def current(self) -> _View:
+        if self.closed:
+            raise LocksmithError(f"semaphore for group {self.layout.group!r} was closed")
+        self.view.check()
+        return self.view
+
+    def register(self, holder_id: str) -> asyncio.Event:
+        ev = asyncio.Event()
+        self._local.setdefault(holder_id, []).append(ev)
+        return ev
+
+    def unregister(self, holder_id: str, ev: asyncio.Event) -> None:
+        evs = self._local.get(holder_id, [])
+        with contextlib.suppress(ValueError):
+            evs.remove(ev)
+        if not evs:
+            self._local.pop(holder_id, None)
+
+    def _wake(self, ids: Iterable[str]) -> None:
+        for holder_id in ids:
+            for ev in self._local.get(holder_id, ()):
+                ev.set()
+
+    def _wake_all(self) -> None:
+        self._wake(list(self._local))
+
+    async def _run(self) -> None:
+        backoff = 0.1
+        resync = False
+        while True:
+            try:
+                if resync:
+                    self.view = await _read(self.etcd, self.layout)
+                    self._wake_all()
+                    resync = False
+                async for batch in self.etcd.watch_prefix(self.layout.base, start_revision=self.view.revision + 1):
+                    if batch.events:
+                        self._apply(batch.events)
+                    backoff = 0.1
+                raise EtcdError("watch stream ended")
+            except asyncio.CancelledError:
+                raise
+            except WatchCompactedError:
+                _log.info("semaphore_mirror_resync", group=self.layout.group, reason="compacted")
+                resync = True
+            except Exception as exc:  # the mirror must outlive any failure: log, back off, go on
+                _log.warning("semaphore_mirror_error", group=self.layout.group, error=str(exc),
+                             error_type=type(exc).__name__, retry_in=backoff)
+                # Re-reading is always correct; re-watching from our revision would be too, but after
+                # an unexpected error (not just a dropped stream) a fresh read is the safe choice.
+                resync = not isinstance(exc, EtcdError)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    def _apply(self, events: list[Event]) -> None:
+        view = self.view
+        touched: list[str] = []
+        for ev in events:
+            holder_id = view.put(ev.kv) if ev.kind == "put" else view.delete(ev.kv.key)
+            if holder_id:
+                touched.append(holder_id)
+            view.revision = max(view.revision, ev.kv.mod_revision)
+        if view.corrupt:
+            self._wake_all()
+            return
+        self._wake(touched)
+        if not view.paused:
+            self._wake(view.first(view.available))
+
+
+# -- the semaphore ------------------------------------------------------------------------------
+
+
+async def read_state(etcd: Etcd, group: str = "default", *, prefix: str = DEFAULT_PREFIX) -> SemaphoreState:
+    """The group's semaphore as of now (one linearizable range read)."""
+    return (await _read(etcd, Layout(group, prefix))).state()
+
+
+async def list_groups(etcd: Etcd, *, prefix: str = DEFAULT_PREFIX) -> list[str]:
+    base = Layout.groups_prefix(prefix)
+    kvs, _ = await etcd.get_prefix(base)
+    return sorted({kv.key[len(base):].split("/", 1)[0] for kv in kvs} - {""})
+
+
+class Semaphore:
+    """The reboot semaphore of one group. One object per process (or per connection) is enough:
+    any number of concurrent ``lock()`` calls share its mirror and its lease."""
+
+    def __init__(
+        self, etcd: Etcd, group: str = "default", *, prefix: str = DEFAULT_PREFIX, lease_ttl: int = 10,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        if lease_ttl < 1:
+            raise InvalidArgumentError(f"lease_ttl must be at least 1 second, got {lease_ttl}")
+        self.etcd = etcd
+        self.layout = Layout(group, prefix)
+        self.group = group
+        self.lease_ttl = lease_ttl
+        self.clock = clock
+        self._by = audit.actor()
+        self._mirror: _Mirror | None = None
+        self._mirror_lock = asyncio.Lock()
+        self._lease: Lease | None = None
+        self._lease_lock = asyncio.Lock()
+        self._pruner = audit.Pruner()
+        self._background: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    # -- public API ---------------------------------------------------------------------------------
+
+    async def lock(self, holder_id: str, *, reason: str = "", hold_for: timedelta | None = None) -> Holder:
+        """Wait for a slot (FIFO) and take it. A holder locking again gets its slot back, unwritten."""
+        check_id(holder_id)
+        hold = _hold(hold_for)
+        mirror = await self._ensure_mirror()
+        mirror.current()
+        held = await self._read_holder(holder_id)
+        if held is not None:
+            return held
+        wake = mirror.register(holder_id)
+        enqueued_at = 0  # revision of our queue put; 0 = not queued
+        maybe_queued = False  # a put was sent (it may have landed even if we were cancelled)
+        tried_at = 0  # mirror revision of our last failed grant: don't retry until the mirror moves
+        fast_tried = False
+        done = False
+        try:
+            while True:
+                wake.clear()
+                view = mirror.current()
+                if not enqueued_at:
+                    if not fast_tried and view.fast_path_open():
+                        fast_tried = True
+                        granted = await self._grant(view, holder_id, reason, hold, queued=None)
+                        if granted is not None:
+                            done = True
+                            return granted
+                        continue
+                    maybe_queued = True
+                    enqueued_at = await self._enqueue(holder_id, reason)
+                    continue
+                if view.revision < enqueued_at:
+                    await wake.wait()
+                    continue
+                me = view.queue.get(holder_id)
+                if me is None:
+                    other = view.holders.get(holder_id)
+                    if other is not None:  # the same id was granted through another Semaphore
+                        done = True
+                        return other
+                    # Our key is gone: the lease expired (or someone deleted it). Join again, at the end.
+                    _log.warning("semaphore_requeue", group=self.group, id=holder_id)
+                    enqueued_at = await self._enqueue(holder_id, reason, lease_suspect=True)
+                    continue
+                if view.revision > tried_at and view.eligible(holder_id):
+                    tried_at = view.revision
+                    granted = await self._grant(view, holder_id, reason, hold, queued=me)
+                    if granted is not None:
+                        done = True
+                        return granted
+                    continue
+                await wake.wait()
+        finally:
+            mirror.unregister(holder_id, wake)
+            if maybe_queued and not done:
+                self._spawn(self._dequeue(holder_id), "dequeue")
+
+    async def try_lock(self, holder_id: str, *, reason: str = "", hold_for: timedelta | None = None) -> Holder:
+        """Take a slot now or raise SlotUnavailableError; never waits and never jumps the queue."""
+        check_id(holder_id)
+        hold = _hold(hold_for)
+        for _ in range(_TRY_ATTEMPTS):
+            view = await _read(self.etcd, self.layout)
+            view.check()
+            if holder_id in view.holders:
+                return view.holders[holder_id]
+            if view.paused:
+                raise SlotUnavailableError(f"group {self.group!r} is paused")
+            if view.queue:
+                raise SlotUnavailableError(
+                    f"group {self.group!r} has {len(view.queue)} waiter(s) queued; try_lock does not jump the queue"
+                )
+            if view.available <= 0:
+                raise SlotUnavailableError(
+                    f"group {self.group!r} has no free slot: {len(view.holders)} of {view.max} held"
+                )
+            granted = await self._grant(view, holder_id, reason, hold, queued=None, holders_rev=view.revision)
+            if granted is not None:
+                return granted
+        raise SlotUnavailableError(f"group {self.group!r} is contended: lost {_TRY_ATTEMPTS} races for a slot")
+
+    async def unlock(self, holder_id: str) -> bool:
+        """Release the slot. False (and nothing written) if ``holder_id`` holds none."""
+        check_id(holder_id)
+        key = self.layout.holder(holder_id)
+        while True:
+            view = await _read(self.etcd, self.layout)
+            view.check()
+            held = view.holders.get(holder_id)
+            if held is None:
+                return False
+            res = await self.etcd.txn(
+                [Compare(key, Target.MOD, "==", held.revision)],
+                [Delete(key), self._audit("unlock", holder_id, "", {"held_since": held.since.isoformat()})],
+            )
+            if res.succeeded:
+                self._audited()
+                return True
+
+    async def set_max(self, n: int) -> int:
+        """Set the group's max (the policy's ``slots``), keeping every other policy field. Lowering
+        evicts nobody; raising admits waiters at once. Returns the revision of the write."""
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise InvalidArgumentError(f"max must be an integer >= 1, got {n!r}")
+        while True:
+            view = await _read(self.etcd, self.layout)
+            view.check()
+            if view.policy_rev and view.max == n:
+                return view.revision
+            doc = dict(view.policy_doc) if view.policy_rev else {"format_version": FORMAT_VERSION}
+            doc["slots"] = n
+            res = await self.etcd.txn(
+                [view.policy_compare()],
+                [Put(self.layout.policy, _dumps(doc)),
+                 self._audit("set-max", "", "", {"from": view.max, "to": n})],
+            )
+            if res.succeeded:
+                self._audited()
+                return res.revision
+
+    async def state(self) -> SemaphoreState:
+        return await read_state(self.etcd, self.group, prefix=self.layout.prefix)
+
+    async def close(self) -> None:
+        """Stop the mirror, leave every queue this object joined (revoking its lease) and finish
+        background clean-ups. Pending lock() calls raise LocksmithError."""
+        self._closed = True
+        if self._mirror is not None:
+            await self._mirror.close()
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
+        if self._lease is not None:
+            await self._lease.revoke()
+            self._lease = None
+
+    async def __aenter__(self) -> Semaphore:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- internals ----------------------------------------------------------------------------------
+
+    async def _ensure_mirror(self) -> _Mirror:
+        if self._closed:
+            raise LocksmithError(f"semaphore for group {self.group!r} was closed")
+        async with self._mirror_lock:
+            if self._mirror is None:
+                mirror = _Mirror(self.etcd, self.layout)
+                await mirror.start()
+                self._mirror = mirror
+            return self._mirror
+
+    async def _ensure_lease(self, *, replace: Lease | None = None) -> Lease:
+        async with self._lease_lock:
+            lease = self._lease
+            if lease is None or lease.lost.is_set() or lease is replace:
+                if lease is not None:
+                    self._spawn(lease.revoke(), "lease-revoke")
+                self._lease = lease = await Lease.grant(self.etcd, self.lease_ttl)
+            return lease
+
+    async def _read_holder(self, holder_id: str) -> Holder | None:
+        """A fresh read of our own holder key: the mirror may lag a release we just made."""
+        key = self.layout.holder(holder_id)
+        kvs, _ = await self.etcd.get_prefix(key)
+        for kv in kvs:
+            if kv.key == key:
+                return parse_holder(kv, holder_id)
+        return None
+
+    async def _enqueue(self, holder_id: str, reason: str, *, lease_suspect: bool = False) -> int:
+        value = _dumps({
+            "format_version": FORMAT_VERSION, "id": holder_id, "since": self.clock.now().isoformat(),
+            "reason": reason, "by": self._by,
+        })
+        lease = await self._ensure_lease()
+        if lease_suspect and await self.etcd.lease_keepalive_once(lease.id) <= 0:
+            lease = await self._ensure_lease(replace=lease)
+        try:
+            return await self.etcd.put(self.layout.waiter(holder_id), value, lease=lease.id)
+        except EtcdError as exc:
+            # The lease died before its keep-alive task noticed: take a new one, once.
+            if "lease not found" not in str(exc):
+                raise
+            lease = await self._ensure_lease(replace=lease)
+            return await self.etcd.put(self.layout.waiter(holder_id), value, lease=lease.id)
+
+    async def _dequeue(self, holder_id: str) -> None:
+        lease = self._lease
+        if lease is None:
+            return
+        key = self.layout.waiter(holder_id)
+        # Only our own key: a later lock() of the same id elsewhere must keep its place.
+        kvs, _ = await self.etcd.get_prefix(key)
+        for kv in kvs:
+            if kv.key == key and kv.lease == lease.id:
+                await self.etcd.txn([Compare(key, Target.CREATE, "==", kv.create_revision)], [Delete(key)])
+
+    async def _grant(
+        self, view: _View, holder_id: str, reason: str, hold: timedelta, *, queued: Waiter | None,
+        holders_rev: int | None = None,
+    ) -> Holder | None:
+        """One grant transaction; None if a compare failed (the caller re-evaluates)."""
+        # Everything taken from the view is captured before the first await: the mirror moves on.
+        compares = [view.policy_compare(), absent(self.layout.pause), absent(self.layout.holder(holder_id))]
+        slots = view.max
+        if queued is None:
+            compares.append(unchanged_since(self.layout.queue, view.revision))
+        else:
+            compares.append(Compare(self.layout.waiter(holder_id), Target.CREATE, "==", queued.revision))
+        if holders_rev is None:
+            # Count holders from a fresh read rather than from the mirror, so that safety rests on
+            # this read and the compare alone, never on the watch having delivered every event.
+            kvs, holders_rev = await self.etcd.get_prefix(self.layout.holders)
+            if len(kvs) >= slots:
+                return None
+        compares.append(unchanged_since(self.layout.holders, holders_rev))
+        now = self.clock.now()
+        deadline = now + hold
+        record = {
+            "format_version": FORMAT_VERSION, "id": holder_id, "since": now.isoformat(),
+            "deadline": deadline.isoformat(), "reason": reason, "by": self._by,
+        }
+        ops: list[Put | Delete] = [Put(self.layout.holder(holder_id), _dumps(record))]
+        if queued is not None:
+            ops.append(Delete(self.layout.waiter(holder_id)))
+        detail = {"slots": slots, "deadline": deadline.isoformat(),
+                  "waited_since": queued.since.isoformat() if queued else None}
+        ops.append(self._audit("lock", holder_id, reason, detail, now))
+        res = await self.etcd.txn(compares, ops)
+        if not res.succeeded:
+            return None
+        self._audited()
+        return Holder(id=holder_id, since=now, deadline=deadline, reason=reason, by=self._by, revision=res.revision)
+
+    def _audit(self, action: str, subject: str, reason: str, detail: dict[str, Any],
+               now: datetime | None = None) -> Put:
+        return audit.entry_op(self.layout, action, subject, reason, detail=detail, by=self._by,
+                              now=now or self.clock.now())
+
+    def _audited(self) -> None:
+        # Pruning reads the trail: do it off the caller's path so it never delays a hand-off.
+        self._spawn(self._pruner.wrote(self.etcd, self.layout), "audit-prune")
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], what: str) -> None:
+        async def guarded() -> None:
+            try:
+                await coro
+            except Exception as exc:  # best effort: log, never raise into nowhere
+                _log.warning("semaphore_background_failed", group=self.group, task=what, error=str(exc))
+
+        task = asyncio.create_task(guarded(), name=f"semaphore-{what}")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+
+def _hold(hold_for: timedelta | None) -> timedelta:
+    if hold_for is None:
+        return DEFAULT_HOLD
+    if hold_for <= timedelta(0):
+        raise InvalidArgumentError(f"hold_for must be positive, got {hold_for}")
+    return hold_for
