@@ -1,0 +1,267 @@
+"""``updatectl status|check|slots|mark-good|history|reset``: talk to the running agent over D-Bus."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from functools import wraps
+from typing import Any, TypeVar
+
+import click
+
+from updateagent.cli import main
+from updateagent.errors import UpdateAgentError
+
+T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
+
+_bus = click.option(
+    "--bus-address", envvar="UPDATECTL_BUS_ADDRESS", default=None, metavar="ADDRESS",
+    help="D-Bus address of the agent's bus (default: the system bus; env UPDATECTL_BUS_ADDRESS).",
+)
+_output = click.option(
+    "--output", "-o", type=click.Choice(["text", "json"]), default="text", show_default=True,
+    help="Result format.",
+)
+
+_DONE = ("UPDATE_STATUS_IDLE", "UPDATE_STATUS_UPDATED_NEED_REBOOT", "UPDATE_STATUS_REPORTING_ERROR_EVENT")
+
+
+def _clean_errors(fn: F) -> F:
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except UpdateAgentError as exc:
+            click.echo(f"updatectl: {exc}", err=True)
+            sys.exit(1)
+        except TimeoutError as exc:
+            click.echo(f"updatectl: {exc or 'timed out'}", err=True)
+            sys.exit(1)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _run(bus_address: str | None, body: Callable[[Any], Awaitable[T]]) -> T:
+    from updateagent.dbus import AgentClient
+
+    async def go() -> T:
+        async with AgentClient(bus_address) as client:
+            return await body(client)
+
+    return asyncio.run(go())
+
+
+def _emit_json(doc: Any) -> None:
+    click.echo(json.dumps(doc, indent=2, sort_keys=True))
+
+
+def _when(stamp: int | float | None) -> str:
+    if not stamp:
+        return "never"
+    return datetime.fromtimestamp(stamp, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _status_doc(status: tuple[int, float, str, str, int]) -> dict[str, Any]:
+    return {
+        "last_checked_time": status[0],
+        "progress": status[1],
+        "current_operation": status[2],
+        "new_version": status[3],
+        "new_size": status[4],
+    }
+
+
+def _slot_lines(slots: list[dict[str, Any]]) -> list[str]:
+    header = ("SLOT", "LABEL", "PART", "PRIORITY", "TRIES", "SUCCESSFUL", "BOOTED", "VERSION", "PARTUUID")
+    rows = [header] + [
+        (
+            s["name"], s["label"], str(s["partition"]), str(s["priority"]), str(s["tries"]),
+            str(int(s["successful"])), "*" if s["booted"] else "", s.get("version") or "-", s["partuuid"],
+        )
+        for s in slots
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+
+
+@main.command("status")
+@_bus
+@_output
+@_clean_errors
+def status_cmd(bus_address: str | None, output: str) -> None:
+    """The agent's state, versions, last check, progress and the slot table."""
+
+    async def body(client: Any) -> dict[str, Any]:
+        return {
+            "status": _status_doc(await client.get_status()),
+            "details": await client.details(),
+            "slots": await client.slots(),
+        }
+
+    doc = _run(bus_address, body)
+    if output == "json":
+        _emit_json(doc)
+        return
+    st, d = doc["status"], doc["details"]
+    pending = d.get("pending")
+    lines = [
+        f"State:            {st['current_operation']}" + (f" ({d['phase']})" if d["phase"] != st["current_operation"]
+                                                          else ""),
+        f"Current version:  {d['current_version'] or 'unknown'}",
+        f"Booted:           slot {d['booted_slot'] or '?'}, version {d['booted_version'] or 'unknown'}",
+        f"Last check:       {_when(st['last_checked_time'])}",
+        f"Progress:         {st['progress'] * 100:.0f}%",
+        f"New version:      {st['new_version'] or '-'}" + (f" ({st['new_size']} bytes)" if st["new_size"] else ""),
+        f"Pending:          {pending['kind']} to {pending['version']} in slot {pending['slot']}" if pending
+        else "Pending:          -",
+        f"Last boot:        {d['last_boot_outcome'] or '-'}",
+        f"Last error:       {d['last_error'] or '-'}",
+        f"Deny list:        {', '.join(e['version'] for e in d['deny_list']) or '-'}",
+        "",
+        *_slot_lines(doc["slots"]),
+    ]
+    click.echo("\n".join(lines))
+
+
+@main.command("slots")
+@_bus
+@_output
+@_clean_errors
+def slots_cmd(bus_address: str | None, output: str) -> None:
+    """The A/B slot table with its GPT priority/tries/successful bits."""
+    slots = _run(bus_address, lambda c: c.slots())
+    if output == "json":
+        _emit_json(slots)
+    else:
+        click.echo("\n".join(_slot_lines(slots)))
+
+
+@main.command("history")
+@click.option("--limit", "-n", type=click.IntRange(min=0), default=20, show_default=True,
+              help="How many of the latest events (0: all).")
+@_bus
+@_output
+@_clean_errors
+def history_cmd(limit: int, bus_address: str | None, output: str) -> None:
+    """The agent's recent events (boots, checks, applies, rollbacks, errors)."""
+    entries = _run(bus_address, lambda c: c.history(limit))
+    if output == "json":
+        _emit_json(entries)
+        return
+    for e in entries:
+        details = " ".join(f"{k}={v}" for k, v in e["details"].items() if k != "checks")
+        click.echo(f"{_when(e['time'])}  {e['event']:<18} {details}".rstrip())
+
+
+@main.command("mark-good")
+@_bus
+@_output
+@_clean_errors
+def mark_good_cmd(bus_address: str | None, output: str) -> None:
+    """Declare the booted slot good now (skips the remaining health checks)."""
+    slot = _run(bus_address, lambda c: c.mark_good())
+    if output == "json":
+        _emit_json({"slot": slot, "marked_good": True})
+    else:
+        click.echo(f"slot {slot} marked good")
+
+
+@main.command("reset")
+@_bus
+@_output
+@_clean_errors
+def reset_cmd(bus_address: str | None, output: str) -> None:
+    """ResetStatus: clear an error, or revert an applied update that waits for its reboot."""
+
+    async def body(client: Any) -> tuple[int, float, str, str, int]:
+        await client.reset_status()
+        status: tuple[int, float, str, str, int] = await client.get_status()
+        return status
+
+    status = _run(bus_address, body)
+    if output == "json":
+        _emit_json(_status_doc(status))
+    else:
+        click.echo(f"status: {status[2]}")
+
+
+@main.command("check")
+@click.option("--timeout", type=click.FloatRange(min=1), default=3600, show_default=True,
+              help="Seconds to wait for the check (and apply) to finish.")
+@_bus
+@_output
+@_clean_errors
+def check_cmd(timeout: float, bus_address: str | None, output: str) -> None:
+    """Check for an update now; follow the download and apply with a progress bar."""
+    show_bar = output == "text" and sys.stdout.isatty()
+
+    async def body(client: Any) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[tuple[int, float, str, str, int]] = loop.create_future()
+        seen: list[str] = []
+        bar: Any = None
+        shown = [0]
+
+        def on_status(st: tuple[int, float, str, str, int]) -> None:
+            nonlocal bar
+            op = st[2]
+            if not seen or seen[-1] != op:
+                seen.append(op)
+                if output == "text" and not show_bar:
+                    click.echo(op.removeprefix("UPDATE_STATUS_").lower().replace("_", " "))
+            if show_bar and op == "UPDATE_STATUS_DOWNLOADING":
+                if bar is None:
+                    bar = click.progressbar(length=1000, label=f"applying {st[3]}")
+                    bar.__enter__()
+                step = int(st[1] * 1000) - shown[0]
+                if step > 0:
+                    bar.update(step)
+                    shown[0] += step
+            if bar is not None and op != "UPDATE_STATUS_DOWNLOADING":
+                bar.update(1000 - shown[0])
+                shown[0] = 1000
+                bar.__exit__(None, None, None)
+                bar = None
+            if "UPDATE_STATUS_CHECKING_FOR_UPDATE" in seen and op in _DONE and not done.done():
+                done.set_result(st)
+
+        await client.subscribe(on_status)
+        accepted = await client.check()
+        if not accepted:
+            current = await client.get_status()
+            return {"result": "not_started", "status": _status_doc(current), "error": ""}
+        final = await asyncio.wait_for(done, timeout)
+        details = await client.details()
+        result = {
+            "UPDATE_STATUS_UPDATED_NEED_REBOOT": "update_applied",
+            "UPDATE_STATUS_REPORTING_ERROR_EVENT": "error",
+        }.get(final[2], "no_update")
+        return {"result": result, "status": _status_doc(final), "error": details["last_error"] if result == "error"
+                else "", "operations": seen}
+
+    try:
+        doc = _run(bus_address, body)
+    except TimeoutError:
+        raise TimeoutError(f"the check did not finish within {timeout:g}s") from None
+    if output == "json":
+        _emit_json(doc)
+    elif doc["result"] == "not_started":
+        op = doc["status"]["current_operation"]
+        if op == "UPDATE_STATUS_UPDATED_NEED_REBOOT":
+            click.echo(f"update {doc['status']['new_version']} is already applied; reboot to use it")
+        else:
+            click.echo(f"updatectl: the agent is busy ({op}); try again later", err=True)
+    elif doc["result"] == "update_applied":
+        click.echo(f"update {doc['status']['new_version']} applied; reboot to use it")
+    elif doc["result"] == "no_update":
+        click.echo("no update available")
+    else:
+        click.echo(f"updatectl: check failed: {doc['error']}", err=True)
+    if doc["result"] == "error" or (
+        doc["result"] == "not_started" and doc["status"]["current_operation"] != "UPDATE_STATUS_UPDATED_NEED_REBOOT"
+    ):
+        sys.exit(1)
