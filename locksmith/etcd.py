@@ -27,6 +27,9 @@ import etcd3aio
 import grpc
 import grpc.aio
 from etcd3aio._protobuf import Compare as _PbCompare
+from etcd3aio._protobuf import WatchCreateRequest as _WatchCreateRequest
+from etcd3aio._protobuf import WatchRequest as _WatchRequest
+from etcd3aio._protobuf import WatchStub as _WatchStub
 
 from locksmith.errors import (
     EtcdAuthError,
@@ -385,28 +388,54 @@ class Etcd:
 
     # -- watch ---------------------------------------------------------------------------------
 
-    async def watch_prefix(self, prefix: str, *, start_revision: int) -> AsyncIterator[WatchBatch]:
-        """Events under ``prefix`` from ``start_revision`` on. Reconnects on transient errors
-        without losing events; raises WatchCompactedError if the revision was compacted."""
-        watch = self._c.watch
-        assert watch is not None
-        stream = watch.watch(prefix, range_end=prefix_end(prefix).encode("latin-1"),
-                             start_revision=start_revision)
-        try:
-            async for resp in stream:
-                if resp.compact_revision > 0:
-                    raise WatchCompactedError(resp.compact_revision)
-                if resp.canceled:
-                    raise EtcdError(f"etcd cancelled the watch on {prefix!r}: {resp.cancel_reason}")
-                events = [
-                    Event("delete" if ev.type == 1 else "put", _kv(ev.kv)) for ev in resp.events
-                ]
-                yield WatchBatch(int(resp.header.revision), events, bool(resp.created))
-        except grpc.aio.AioRpcError as exc:
-            await self._call(_reraise(exc))
-        finally:
-            with contextlib.suppress(Exception):
-                await stream.aclose()  # type: ignore[attr-defined]
+    async def watch_prefix(
+        self, prefix: str, *, start_revision: int, max_backoff: float = 5.0
+    ) -> AsyncIterator[WatchBatch]:
+        """Events under ``prefix`` from ``start_revision`` on, for as long as the caller iterates.
+
+        A dropped stream is re-created from the revision after the last *event* delivered.
+        (etcd3aio's own reconnect resumes after the response header's revision, which during a
+        catch-up can be past events not yet sent: that would lose them.) Raises
+        WatchCompactedError if the revision was compacted: re-read, then watch again.
+        """
+        channel = self._c._channel
+        assert channel is not None
+        stub = _WatchStub(channel)
+        key, end = prefix.encode(), prefix_end(prefix).encode("latin-1")
+        next_rev = start_revision
+        backoff = 0.1
+        while True:
+            create = _WatchCreateRequest(key=key, range_end=end, start_revision=next_rev)
+
+            async def requests(create: Any = create) -> AsyncIterator[Any]:
+                yield _WatchRequest(create_request=create)
+                await asyncio.Future()  # keep the request side open for the stream's lifetime
+
+            metadata = self._c.watch._metadata if self._c.watch is not None else ()
+            stream = stub.Watch(requests(), metadata=metadata or None)
+            try:
+                async for resp in stream:
+                    if resp.compact_revision > 0:
+                        raise WatchCompactedError(resp.compact_revision)
+                    if resp.canceled:
+                        raise EtcdError(f"etcd cancelled the watch on {prefix!r}: {resp.cancel_reason}")
+                    events = [Event("delete" if ev.type == 1 else "put", _kv(ev.kv)) for ev in resp.events]
+                    if events:
+                        next_rev = events[-1].kv.mod_revision + 1
+                    backoff = 0.1
+                    yield WatchBatch(int(resp.header.revision), events, bool(resp.created))
+                raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                           "watch stream ended")
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                                      grpc.StatusCode.INTERNAL):
+                    await self._call(_reraise(exc))
+                _log.info("etcd_watch_reconnect", prefix=prefix, from_revision=next_rev, retry_in=backoff,
+                          error=exc.details())
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, max_backoff)
+            finally:
+                stream.cancel()
 
     # -- leases --------------------------------------------------------------------------------
 

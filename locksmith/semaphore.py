@@ -148,12 +148,18 @@ def _key_id(key: str, holder_id: str) -> None:
         raise CorruptValueError(key, f"key name is not a valid id: {exc}") from exc
 
 
-def parse_holder(kv: KeyValue, holder_id: str) -> Holder:
+def _record(kv: KeyValue, holder_id: str) -> tuple[dict[str, Any], datetime]:
+    """The fields every holder and waiter record shares, checked: the id and when it began."""
     _key_id(kv.key, holder_id)
     d = _load(kv.key, kv.value)
     _record_id(kv.key, d, holder_id)
     since = _time(kv.key, d, "since")
     assert since is not None
+    return d, since
+
+
+def parse_holder(kv: KeyValue, holder_id: str) -> Holder:
+    d, since = _record(kv, holder_id)
     return Holder(
         id=holder_id, since=since, deadline=_time(kv.key, d, "deadline", optional=True),
         reason=_str(kv.key, d, "reason"), by=_str(kv.key, d, "by"), revision=kv.mod_revision,
@@ -161,11 +167,7 @@ def parse_holder(kv: KeyValue, holder_id: str) -> Holder:
 
 
 def parse_waiter(kv: KeyValue, holder_id: str) -> Waiter:
-    _key_id(kv.key, holder_id)
-    d = _load(kv.key, kv.value)
-    _record_id(kv.key, d, holder_id)
-    since = _time(kv.key, d, "since")
-    assert since is not None
+    d, since = _record(kv, holder_id)
     return Waiter(id=holder_id, since=since, reason=_str(kv.key, d, "reason"), by=_str(kv.key, d, "by"),
                   revision=kv.create_revision)
 

@@ -83,3 +83,44 @@ async def test_three_member_cluster_survives_one_member_down() -> None:
         finally:
             await etcd.close()
             await asyncio.sleep(0)
+
+
+async def test_watch_resumes_after_its_member_restarts_without_losing_events() -> None:
+    with EmbeddedEtcd(members=3) as cluster:
+        watcher = await Etcd.connect(EtcdConfig(endpoints=(cluster.members[0].client_url,)))
+        writer = await Etcd.connect(EtcdConfig(endpoints=(cluster.members[1].client_url,
+                                                          cluster.members[2].client_url)))
+        try:
+            rev = await writer.put("w/0", b"0")
+            seen: list[str] = []
+            created = asyncio.Event()
+            done = asyncio.Event()
+
+            async def watch() -> None:
+                async for batch in watcher.watch_prefix("w/", start_revision=rev + 1):
+                    created.set()
+                    seen.extend(e.kv.key for e in batch.events)
+                    if len(seen) >= 20:
+                        done.set()
+                        return
+
+            task = asyncio.create_task(watch())
+            await asyncio.wait_for(created.wait(), 10)
+            for i in range(1, 6):
+                await writer.put(f"w/{i}", b"x")
+            cluster.members[0].kill()
+            # Written while the watcher's only member is down: delivered after it comes back.
+            for i in range(6, 21):
+                while True:
+                    try:
+                        await writer.put(f"w/{i}", b"x")
+                        break
+                    except EtcdUnavailableError:
+                        continue  # an election among the two survivors
+            cluster.restart_member(0)
+            await asyncio.wait_for(done.wait(), 30)
+            await task
+            assert seen == [f"w/{i}" for i in range(1, 21)]
+        finally:
+            await watcher.close()
+            await writer.close()

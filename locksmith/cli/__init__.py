@@ -65,6 +65,21 @@ def fail(message: str, code: int = 1) -> NoReturn:
     sys.exit(code)
 
 
+def checked(validate: Callable[[str], T]) -> Callable[[click.Context, click.Parameter, str | None], T | None]:
+    """A click callback running ``validate`` on an option's value; its InvalidArgumentError becomes a
+    usage error (exit 2) that names the option."""
+
+    def callback(ctx: click.Context, param: click.Parameter, value: str | None) -> T | None:
+        if value is None:
+            return None
+        try:
+            return validate(value)
+        except InvalidArgumentError as exc:
+            raise click.BadParameter(str(exc)) from exc
+
+    return callback
+
+
 def _split_endpoints(values: tuple[str, ...]) -> tuple[str, ...]:
     out: list[str] = []
     for v in values:

@@ -20,7 +20,7 @@ from typing import Any
 import click
 
 from locksmith import audit, budget
-from locksmith.cli import CliContext, fail, main
+from locksmith.cli import CliContext, checked, fail, main
 from locksmith.errors import CorruptValueError, InvalidArgumentError
 from locksmith.etcd import Etcd
 from locksmith.keys import DEFAULT_PREFIX, Layout, check_group
@@ -71,15 +71,6 @@ def _group_arg(obj: CliContext, group: str | None) -> str:
         raise click.BadParameter(str(exc), param_hint="GROUP") from exc
 
 
-def _local_group(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    if value is None:
-        return None
-    try:
-        return check_group(value)
-    except InvalidArgumentError as exc:
-        raise click.BadParameter(str(exc)) from exc
-
-
 def _explicit_global_group(ctx: click.Context) -> str | None:
     """The global --group, only if the user gave it (flag or environment), not its default."""
     root = ctx.find_root()
@@ -99,7 +90,7 @@ def policy_cmd() -> None:
 
 @policy_cmd.command("validate")
 @click.argument("file", type=click.Path(dir_okay=False))
-@click.option("--group", callback=_local_group, help="Validate as the policy of this group.")
+@click.option("--group", callback=checked(check_group), help="Validate as the policy of this group.")
 @click.pass_context
 def validate_cmd(ctx: click.Context, file: str, group: str | None) -> None:
     """Check FILE offline (no etcd): every problem with its key path and line; exit 1 if any."""
@@ -134,7 +125,8 @@ def _apply_json(res: ApplyResult) -> dict[str, Any]:
 
 @policy_cmd.command("apply")
 @click.argument("file", type=click.Path(dir_okay=False))
-@click.option("--group", callback=_local_group, help="Apply to this group (the file's `group`, if any, must agree).")
+@click.option("--group", callback=checked(check_group),
+              help="Apply to this group (the file's `group`, if any, must agree).")
 @click.option("--dry-run", is_flag=True, help="Validate and show the diff against etcd; write nothing.")
 @click.option("--reason", default="", help="Why (kept in the audit trail).")
 @click.option("--if-revision", type=int, default=None,
@@ -152,7 +144,7 @@ def apply_cmd(ctx: click.Context, file: str, group: str | None, dry_run: bool, r
 
 @policy_cmd.command("diff")
 @click.argument("file", type=click.Path(dir_okay=False))
-@click.option("--group", callback=_local_group, help="Compare with this group's stored policy.")
+@click.option("--group", callback=checked(check_group), help="Compare with this group's stored policy.")
 @click.option("--exit-code", is_flag=True, help="Exit 1 when they differ (as `git diff --exit-code`).")
 @click.pass_context
 def diff_cmd(ctx: click.Context, file: str, group: str | None, exit_code: bool) -> None:
@@ -293,15 +285,6 @@ def parse_since(text: str, *, now: datetime | None = None) -> datetime:
     return t.astimezone(UTC)
 
 
-def _since(ctx: click.Context, param: click.Parameter, value: str | None) -> datetime | None:
-    if value is None:
-        return None
-    try:
-        return parse_since(value)
-    except InvalidArgumentError as exc:
-        raise click.BadParameter(str(exc)) from exc
-
-
 async def read_log(etcd: Etcd, prefix: str, group: str | None, since: datetime | None) -> list[audit.AuditEntry]:
     """Audit entries of one group, or of every group when ``group`` is None, oldest first."""
     if group is not None:
@@ -342,9 +325,9 @@ def _describe(e: audit.AuditEntry) -> str:
 
 
 @main.command("log")
-@click.option("--group", callback=_local_group, help="Only this group (default: the global --group if given, "
+@click.option("--group", callback=checked(check_group), help="Only this group (default: the global --group if given, "
                                                      "else every group).")
-@click.option("--since", callback=_since, metavar="TIME",
+@click.option("--since", callback=checked(parse_since), metavar="TIME",
               help="ISO time (naive = local) or a duration before now: 2h, 90m, 1d12h ago.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the last N entries.")
 @click.pass_context
