@@ -1,4 +1,4 @@
-"""The etcd key layout, in one place. See docs/layout.md.
+"""The etcd key layout, in one place. See docs/semaphore.md and docs/policy-store.md.
 
     <prefix>groups/<group>/policy          policy JSON (slots = the semaphore's max), format_version 1
     <prefix>groups/<group>/pause           present = paused: {"format_version", "reason", "by", "at"}
