@@ -3,6 +3,7 @@
 ``Rig`` owns a disk image made with sgdisk (slot A good, B empty), the emulated bootloader's
 boot record, a release key pair, a channel directory served by a real HTTP server on 127.0.0.1,
 and writes the agent's TOML config so tests go through the same config path as the daemon.
+The ``rig`` fixture (one such machine) is in agentfixtures.py.
 """
 
 from __future__ import annotations

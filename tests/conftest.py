@@ -10,6 +10,9 @@ import pytest
 from locksmith.embedded import EmbeddedEtcd
 from locksmith.etcd import Etcd, EtcdConfig
 
+# The update agent's shared fixtures (disk, rig, bus).
+pytest_plugins = ["agentfixtures"]
+
 
 @pytest.fixture(scope="session")
 def etcd_server() -> Iterator[EmbeddedEtcd]:

@@ -5,6 +5,8 @@ policy fragments a test includes (e.g. systemd/com.coreos.update1.conf)::
 
     with PrivateBus(tmp_path) as bus:
         client = MessageBus(bus_address=bus.address)
+
+The ``bus`` fixture (an open private bus) is in agentfixtures.py.
 """
 
 from __future__ import annotations
@@ -26,29 +28,26 @@ _CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configura
 </busconfig>
 """
 
+
+def _default_policy(*rules: str) -> str:
+    return "\n".join(['  <policy context="default">', *(f"    <{rule}/>" for rule in rules), "  </policy>"])
+
+
 # Everyone may own any name and call anything: a session bus.
-_OPEN_POLICY = """  <policy context="default">
-    <allow send_destination="*" eavesdrop="true"/>
-    <allow eavesdrop="true"/>
-    <allow own="*"/>
-  </policy>"""
+_OPEN_POLICY = _default_policy('allow send_destination="*" eavesdrop="true"', 'allow eavesdrop="true"',
+                               'allow own="*"')
 
 # The defaults of a system bus (as in dbus' system.conf): nothing but what fragments allow.
-_SYSTEM_POLICY = """  <policy context="default">
-    <allow user="*"/>
-    <deny own="*"/>
-    <deny send_type="method_call"/>
-    <allow send_type="signal"/>
-    <allow send_requested_reply="true" send_type="method_return"/>
-    <allow send_requested_reply="true" send_type="error"/>
-    <allow receive_type="method_call"/>
-    <allow receive_type="method_return"/>
-    <allow receive_type="error"/>
-    <allow receive_type="signal"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Introspectable"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Properties"/>
-  </policy>"""
+_SYSTEM_POLICY = _default_policy(
+    'allow user="*"',
+    'deny own="*"',
+    'deny send_type="method_call"',
+    'allow send_type="signal"',
+    *(f'allow send_requested_reply="true" send_type="{t}"' for t in ("method_return", "error")),
+    *(f'allow receive_type="{t}"' for t in ("method_call", "method_return", "error", "signal")),
+    *(f'allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus{i}"'
+      for i in ("", ".Introspectable", ".Properties")),
+)
 
 
 class PrivateBus:

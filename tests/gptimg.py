@@ -1,9 +1,10 @@
 """Test helper: real GPT disk images made with sgdisk, checked with sgdisk and cgpt.
 
-Importable from any test module in tests/ (``from gptimg import make_disk``). Layout, like
-a Flatcar disk: 1 EFI-SYSTEM, 2 BIOS-BOOT, 3 USR-A, 4 USR-B (CoreOS usr type), 5 ROOT.
-Images are sparse files, so big slots cost no disk space until written. Every image of the
-same shape is a copy of one sgdisk-made template, so partition GUIDs repeat across images.
+Importable from any test module in tests/ (``from gptimg import make_disk``); the ``disk``
+fixture (a default image) is in agentfixtures.py. Layout, like a Flatcar disk: 1 EFI-SYSTEM,
+2 BIOS-BOOT, 3 USR-A, 4 USR-B (CoreOS usr type), 5 ROOT. Images are sparse files, so big slots
+cost no disk space until written. Every image of the same shape is a copy of one sgdisk-made
+template with fresh disk and partition GUIDs (``clone_disk`` makes a byte-for-byte twin instead).
 """
 
 from __future__ import annotations
@@ -12,8 +13,11 @@ import atexit
 import os
 import re
 import shutil
+import struct
 import subprocess
 import tempfile
+import uuid
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -70,7 +74,6 @@ def make_disk(
     size = disk_size if disk_size is not None else max(64 * MiB, needed)
     if size < needed or size % MiB:
         raise ValueError(f"disk_size {size} must be a multiple of 1 MiB and at least {needed}")
-    p = Path(path)
     key = (slot_size, size, labels, usr_a, usr_b)
     template = _TEMPLATES.get(key)
     if template is None:
@@ -78,20 +81,53 @@ def make_disk(
         atexit.register(shutil.rmtree, template.parent, True)
         _sgdisk_create(template, slot_size, size, labels, usr_a, usr_b)
         _TEMPLATES[key] = template
-    # sgdisk sleeps a second after every write, so copy a cached image instead: only the
-    # first and last MiB hold data (MBR + the two GPT copies), the rest is a hole.
-    with open(template, "rb") as src, open(p, "wb") as dst:
-        dst.truncate(size)
-        for offset in (0, size - MiB):
-            src.seek(offset)
-            dst.seek(offset)
-            dst.write(src.read(MiB))
-    disk = Disk(p, size, slot_size)
+    # sgdisk sleeps a second after every write, so copy a cached image and give it its own GUIDs.
+    disk = clone_disk(Disk(template, size, slot_size), path)
+    _new_guids(disk.path)
     sgdisk_verify(disk)
     return disk
 
 
+def clone_disk(disk: Disk, path: str | os.PathLike[str]) -> Disk:
+    """A byte-for-byte twin of ``disk`` (GUIDs included) with the GPT regions copied and the rest
+    left a hole: enough for images whose slots were never written."""
+    with open(disk.path, "rb") as src, open(path, "wb") as dst:
+        dst.truncate(disk.size)
+        for offset in (0, disk.size - MiB):  # MBR + primary GPT, backup GPT
+            src.seek(offset)
+            dst.seek(offset)
+            dst.write(src.read(MiB))
+    return Disk(Path(path), disk.size, disk.slot_size, disk.usr_a, disk.usr_b)
+
+
 _TEMPLATES: dict[tuple[object, ...], Path] = {}
+_HEADER = struct.Struct("<8sIIIIQQQQ16sQIII")  # the UEFI GPT header, as in updateagent.gpt
+
+
+def _new_guids(path: Path) -> None:
+    """Fresh random disk GUID and partition GUIDs in both GPT copies, CRCs fixed; what ``sgdisk -G``
+    does, without its one-second sleep."""
+    disk_guid = uuid.uuid4().bytes_le
+    part_guids: dict[int, bytes] = {}
+    with open(path, "r+b") as f:
+        for lba in (1, os.path.getsize(path) // SECTOR - 1):
+            f.seek(lba * SECTOR)
+            header = bytearray(f.read(SECTOR))
+            fields = list(_HEADER.unpack_from(header))
+            hsize, entry_lba, count, esize = fields[2], fields[10], fields[11], fields[12]
+            f.seek(entry_lba * SECTOR)
+            entries = bytearray(f.read(count * esize))
+            for i in range(count):
+                if entries[i * esize:i * esize + 16] != bytes(16):  # a used entry
+                    guid = part_guids.setdefault(i, uuid.uuid4().bytes_le)
+                    entries[i * esize + 16:i * esize + 32] = guid
+            fields[3], fields[9], fields[13] = 0, disk_guid, zlib.crc32(entries)
+            _HEADER.pack_into(header, 0, *fields)
+            struct.pack_into("<I", header, 16, zlib.crc32(header[:hsize]))
+            f.seek(entry_lba * SECTOR)
+            f.write(entries)
+            f.seek(lba * SECTOR)
+            f.write(header)
 
 
 def _sgdisk_create(p: Path, slot_size: int, size: int, labels: bool,

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import subprocess
-import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -16,7 +13,7 @@ from gptimg import cgpt_attr, gptprio_bits, make_disk
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from updateagent.agent import Agent, Phase, Schedule, StatusSnapshot
+from updateagent.agent import Agent, ChannelSource, Phase, Schedule, StatusSnapshot
 from updateagent.bootloader import EmulatedBootloader
 from updateagent.daemon import build_agent
 
@@ -40,15 +37,6 @@ class ManualClock:
 
     def advance(self, seconds: float) -> None:
         self.current += timedelta(seconds=seconds)
-
-
-@pytest.fixture
-def rig(tmp_path: Path) -> Iterator[Rig]:
-    r = Rig(tmp_path / "machine")
-    try:
-        yield r
-    finally:
-        r.close()
 
 
 # ------------------------------------------------------------------------------- schedule
@@ -79,6 +67,15 @@ def test_backoff_doubles_and_caps_at_four_hours(failures: int) -> None:
 # ------------------------------------------------------------------------------- checks
 
 
+INTERVAL = 45 * 60
+
+
+def _delay(agent: Agent, clock: ManualClock) -> float:
+    """Seconds until the agent's next scheduled check."""
+    assert agent.next_check is not None
+    return (agent.next_check - clock.now()).total_seconds()
+
+
 async def test_transient_errors_back_off_and_permanent_ones_do_not(rig: Rig) -> None:
     clock = ManualClock()
     rig.publish("1.0.0")
@@ -87,8 +84,7 @@ async def test_transient_errors_back_off_and_permanent_ones_do_not(rig: Rig) -> 
     assert await agent.run_until_settled() is Phase.IDLE
 
     def delay() -> float:
-        assert agent.next_check is not None
-        return (agent.next_check - clock.now()).total_seconds()
+        return _delay(agent, clock)
 
     rig.server.add_fault("/stable/manifest.json", "status", value=503)
     expected = [3600, 7200, 14400, 14400]  # doubling, capped at 4 h
@@ -111,6 +107,59 @@ async def test_transient_errors_back_off_and_permanent_ones_do_not(rig: Rig) -> 
     assert await agent.run_until_settled(check=True) is Phase.IDLE
     assert agent.failures == 0 and delay() >= 45 * 60 * 0.9
     assert "signature" in agent.state.last_error
+
+    # A 4xx will not go away by itself either: after a run of 503s, a 404 is back to normal.
+    rig.publish("1.0.0")
+    rig.server.add_fault("/stable/manifest.json", "status", value=503, times=2)
+    rig.server.add_fault("/stable/manifest.json", "status", value=404)
+    for _ in range(2):
+        await agent.run_until_settled(check=True)
+    assert agent.failures == 2
+    assert await agent.run_until_settled(check=True) is Phase.IDLE
+    assert "HTTP 404" in agent.state.last_error
+    assert agent.failures == 0 and INTERVAL * 0.9 <= delay() <= INTERVAL * 1.1
+
+
+async def test_payload_server_errors_back_off_across_checks(rig: Rig) -> None:
+    """The check succeeds every time, the download fails with 503: the backoff still grows."""
+    clock = ManualClock()
+    rig.publish("2.0.0")
+    settings_ = rig.settings(retry_initial_seconds=3600)
+    agent = build_agent(settings_, host=rig.host(), clock=clock)
+    manifest_url = settings_.manifest_url()
+    assert manifest_url is not None
+    # The installer's own quick retries, shortened: the agent's backoff is what is under test.
+    agent.source = ChannelSource(manifest_url, settings_.keys, max_retries=1, backoff=0.01)
+    await agent.start()
+    assert await agent.run_until_settled() is Phase.IDLE
+    payload = rig.payload_path("2.0.0")
+    rig.server.add_fault(payload, "status", value=503)
+    for n, base in enumerate([3600, 7200], start=1):
+        assert await agent.run_until_settled(check=True) is Phase.IDLE
+        assert "HTTP 503" in agent.state.last_error
+        assert agent.failures == n and base * 0.9 <= _delay(agent, clock) <= base * 1.1
+    assert cgpt_attr(rig.disk, 4) == gptprio_bits(0, 0, False)  # never marked
+
+    rig.server.clear_faults()
+    rig.server.add_fault(payload, "status", value=404)
+    assert await agent.run_until_settled(check=True) is Phase.IDLE
+    assert "HTTP 404 fetching the payload" in agent.state.last_error
+    assert agent.failures == 0 and INTERVAL * 0.9 <= _delay(agent, clock) <= INTERVAL * 1.1
+
+    rig.server.clear_faults()
+    assert await agent.run_until_settled(check=True) is Phase.UPDATED_NEED_REBOOT
+    assert agent.failures == 0
+
+
+async def test_a_check_that_cannot_start_waits_for_the_next_interval(rig: Rig) -> None:
+    """No channel configured: the error is reported once per interval, not in a tight loop."""
+    clock = ManualClock()
+    agent = build_agent(dataclasses.replace(rig.settings(on_start=True), server=None), host=rig.host(),
+                        clock=clock)
+    await agent.start()
+    assert await agent.run_until_settled() is Phase.IDLE
+    assert "no update channel configured" in agent.state.last_error
+    assert agent.errors == 1 and INTERVAL * 0.9 <= _delay(agent, clock) <= INTERVAL * 1.1
 
 
 async def test_connection_refused_backs_off(rig: Rig) -> None:
@@ -205,17 +254,9 @@ async def test_reboot_strategy_reboot_power_cycles_the_emulated_host(rig: Rig) -
     assert host.booted().label == "USR-B"
 
 
-@pytest.fixture
-def foreign_disk(tmp_path: Path) -> Path:
-    other = make_disk(tmp_path / "other.img", slot_size=8 * 1024 * 1024)
-    # sgdisk seeds its GUIDs from the clock: two images made in the same second share them.
-    subprocess.run(["sgdisk", f"-u3:{uuid.uuid4()}", f"-u4:{uuid.uuid4()}", str(other.path)], check=True,
-                   capture_output=True)
-    return other.path
-
-
-async def test_booted_partition_not_on_the_disk_is_reported(rig: Rig, foreign_disk: Path) -> None:
-    EmulatedBootloader(foreign_disk, rig.record).boot()  # the machine booted from another disk
+async def test_booted_partition_not_on_the_disk_is_reported(rig: Rig, tmp_path: Path) -> None:
+    foreign = make_disk(tmp_path / "other.img", slot_size=rig.slot_size)  # same layout, its own GUIDs
+    EmulatedBootloader(foreign, rig.record).boot()  # the machine booted from another disk
     agent: Agent = rig.agent()
     await agent.start()
     assert await agent.run_until_settled() is Phase.IDLE

@@ -17,10 +17,8 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from agentrig import Rig
 from gptimg import MiB, sgdisk_problems, sgdisk_verify
 
@@ -33,15 +31,6 @@ from updateagent.slots import SlotTable
 AGENT = str(Path(sys.executable).parent / "update-agent")
 CUTS = 20
 IMAGE_SIZE = 6 * MiB
-
-
-@pytest.fixture
-def rig(tmp_path: Path) -> Iterator[Rig]:
-    r = Rig(tmp_path / "machine", slot_size=8 * MiB)
-    try:
-        yield r
-    finally:
-        r.close()
 
 
 def _digest(path: Path, offset: int, size: int) -> str:

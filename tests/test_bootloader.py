@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from gptimg import Disk, cgpt_attr, cgpt_set, corrupt, make_disk, sgdisk_problems, sgdisk_verify
+from gptimg import Disk, cgpt_attr, cgpt_set, corrupt, sgdisk_problems, sgdisk_verify
 
 from updateagent import gpt
 from updateagent.bootloader import (
@@ -21,11 +21,6 @@ from updateagent.bootloader import (
     read_boot_record,
 )
 from updateagent.slots import SlotTable
-
-
-@pytest.fixture
-def disk(tmp_path: Path) -> Disk:
-    return make_disk(tmp_path / "disk.img")
 
 
 @pytest.fixture
@@ -57,10 +52,18 @@ def test_boot_record_format(disk: Disk, loader: EmulatedBootloader, record: Path
     assert second.boot_id != booted.boot_id and read_boot_record(record) == second
 
 
-def test_update_then_rollback_without_mark_good(disk: Disk, loader: EmulatedBootloader) -> None:
+@pytest.fixture
+def booted_new_b(disk: Disk, loader: EmulatedBootloader) -> SlotTable:
+    """An update written to slot B and booted once."""
     slots = SlotTable(disk)
     slots.mark_new("B")
-    assert loader.boot().slot == "B"  # the one try is spent before "booting"
+    assert loader.boot().slot == "B"
+    return slots
+
+
+def test_update_then_rollback_without_mark_good(disk: Disk, loader: EmulatedBootloader,
+                                                booted_new_b: SlotTable) -> None:
+    # The one try was spent before "booting".
     assert (cgpt_attr(disk, 3), cgpt_attr(disk, 4)) == (0x101, 0x2)
     sgdisk_verify(disk)
     # Never marked good: tries are 0 and it is not successful, so the old slot boots again.
@@ -69,21 +72,15 @@ def test_update_then_rollback_without_mark_good(disk: Disk, loader: EmulatedBoot
     assert (cgpt_attr(disk, 3), cgpt_attr(disk, 4)) == (0x101, 0x2)
 
 
-def test_update_then_mark_good_sticks(disk: Disk, loader: EmulatedBootloader) -> None:
-    slots = SlotTable(disk)
-    slots.mark_new("B")
-    assert loader.boot().slot == "B"
-    slots.mark_good("B")
+def test_update_then_mark_good_sticks(disk: Disk, loader: EmulatedBootloader, booted_new_b: SlotTable) -> None:
+    booted_new_b.mark_good("B")
     for _ in range(3):
         assert loader.boot().slot == "B"
     assert (cgpt_attr(disk, 3), cgpt_attr(disk, 4)) == (0x101, 0x102)
 
 
-def test_mark_bad_after_failed_health_check_boots_old(disk: Disk, loader: EmulatedBootloader) -> None:
-    slots = SlotTable(disk)
-    slots.mark_new("B")
-    assert loader.boot().slot == "B"
-    slots.mark_bad("B")
+def test_mark_bad_after_failed_health_check_boots_old(loader: EmulatedBootloader, booted_new_b: SlotTable) -> None:
+    booted_new_b.mark_bad("B")
     assert loader.boot().slot == "A"
 
 

@@ -274,28 +274,44 @@ def test_oversized_manifest_refused(served: tuple[FileServer, KeySet, Path]) -> 
 
 
 @pytest.mark.parametrize(
-    ("path", "kind", "value", "match"),
+    ("path", "kind", "value", "match", "transient"),
     [
-        ("/stable/manifest.json", "status", 500, r"HTTP 500 fetching the manifest"),
-        ("/stable/manifest.json.sig", "status", 403, r"HTTP 403 fetching the signature"),
-        ("/stable/manifest.json.sig", "html", None, r"HTML page .* not the signature"),
-        ("/stable/manifest.json.sig", "redirect_loop", None, r"redirect loop"),
-        ("/stable/manifest.json", "content_length", 100000, r"body shorter than its Content-Length"),
-        ("/stable/manifest.json", "drop", None, r"connection broke mid-body"),
+        ("/stable/manifest.json", "status", 500, r"HTTP 500 fetching the manifest", True),
+        ("/stable/manifest.json", "status", 503, r"HTTP 503 fetching the manifest", True),
+        ("/stable/manifest.json", "status", 429, r"HTTP 429 fetching the manifest", True),
+        ("/stable/manifest.json", "status", 404, r"HTTP 404 fetching the manifest", False),
+        ("/stable/manifest.json.sig", "status", 403, r"HTTP 403 fetching the signature", False),
+        ("/stable/manifest.json.sig", "html", None, r"HTML page .* not the signature", False),
+        ("/stable/manifest.json.sig", "redirect_loop", None, r"redirect loop", False),
+        ("/stable/manifest.json", "content_length", 100000, r"body shorter than its Content-Length", True),
+        ("/stable/manifest.json", "drop", None, r"connection broke mid-body", True),
     ],
 )
 def test_server_faults_on_manifest_and_signature(
-    served: tuple[FileServer, KeySet, Path], path: str, kind: str, value: int | None, match: str
+    served: tuple[FileServer, KeySet, Path], path: str, kind: str, value: int | None, match: str, transient: bool
 ) -> None:
     srv, keys, _ = served
     srv.add_fault(path, kind, value=value, after=10)
-    with pytest.raises(ChannelError, match=match):
+    with pytest.raises(ChannelError, match=match) as caught:
         fetch(srv.url("stable/manifest.json"), keys)
+    assert caught.value.transient is transient
 
 
-def test_unreachable_server() -> None:
-    with pytest.raises(ChannelError, match="cannot connect"):
+def test_unreachable_server_is_transient() -> None:
+    with pytest.raises(ChannelError, match="cannot connect") as caught:
         fetch("http://127.0.0.1:9/stable/manifest.json", None, timeout=(1.0, 1.0))
+    assert caught.value.transient
+
+
+def test_bad_signature_and_bad_manifest_are_not_transient(served: tuple[FileServer, KeySet, Path]) -> None:
+    srv, keys, chan = served
+    (chan / "manifest.json.sig").write_text("AAAA\n")
+    with pytest.raises(SignatureError) as bad_sig:
+        fetch(srv.url("stable/manifest.json"), keys)
+    (chan / "manifest.json").write_bytes(b"{}")
+    with pytest.raises(ChannelError, match="missing") as bad_doc:
+        fetch(srv.url("stable/manifest.json"), None, insecure_allow_unsigned=True)
+    assert not bad_sig.value.transient and not bad_doc.value.transient
 
 
 def test_load_dir(served: tuple[FileServer, KeySet, Path]) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from agentrig import Rig
+from dbus_fast import Message
 from dbus_fast.aio import MessageBus
 from dbus_fast.annotations import DBusBool
 from dbus_fast.service import ServiceInterface, method
@@ -39,21 +40,6 @@ class Served:
     agent: Agent
     service: AgentService
     task: asyncio.Task[None]
-
-
-@pytest.fixture
-def rig(tmp_path: Path) -> Iterator[Rig]:
-    r = Rig(tmp_path / "machine")
-    try:
-        yield r
-    finally:
-        r.close()
-
-
-@pytest.fixture
-def bus(tmp_path: Path) -> Iterator[PrivateBus]:
-    with PrivateBus(tmp_path / "bus") as b:
-        yield b
 
 
 async def _serve(rig: Rig, bus: PrivateBus, **settings: object) -> Served:
@@ -216,6 +202,31 @@ async def test_agent_interface(served: Served) -> None:
         assert (await client.get_status())[2:4] == ("UPDATE_STATUS_IDLE", "")
         assert cgpt_attr(rig.disk, 4) == gptprio_bits(0, 0, False)
         assert cgpt_attr(rig.disk, 3) == gptprio_bits(1, 0, True)
+
+
+async def test_properties_changed_follows_the_agent(served: Served) -> None:
+    listener = await MessageBus(bus_address=served.bus.address).connect()
+    changes: asyncio.Queue[dict[str, object]] = asyncio.Queue()
+
+    def on_message(msg: Message) -> None:
+        if msg.member == "PropertiesChanged" and msg.path == "/com/coreos/update1" and msg.body[0] == AGENT_INTERFACE:
+            changes.put_nowait({name: variant.value for name, variant in msg.body[1].items()})
+
+    try:
+        listener.add_message_handler(on_message)
+        await listener.call(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+                                    interface="org.freedesktop.DBus", member="AddMatch", signature="s",
+                                    body=["type='signal',interface='org.freedesktop.DBus.Properties'"]))
+        served.rig.publish("2.0.0")
+        assert served.agent.request_check()
+        changed: dict[str, object] = {}
+        while changed.get("Phase") != "UPDATE_STATUS_UPDATED_NEED_REBOOT":
+            changed = await asyncio.wait_for(changes.get(), 30)
+        assert changed == {"Phase": "UPDATE_STATUS_UPDATED_NEED_REBOOT", "CurrentVersion": "1.0.0",
+                           "BootedVersion": "1.0.0", "BootedSlot": "A", "LastBootOutcome": "normal",
+                           "LastError": ""}
+    finally:
+        listener.disconnect()
 
 
 async def test_errors_carry_a_name_and_detail(rig: Rig, bus: PrivateBus) -> None:

@@ -7,25 +7,12 @@ marks B good or rolls back to A and denies 2.0.0 for good.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
 from agentrig import Rig
 from gptimg import cgpt_attr, gptprio_bits, sgdisk_verify
 
 from updateagent.agent import Phase
 
 USR_A, USR_B = 3, 4
-
-
-@pytest.fixture
-def rig(tmp_path: Path) -> Iterator[Rig]:
-    r = Rig(tmp_path / "machine")
-    try:
-        yield r
-    finally:
-        r.close()
 
 
 async def _apply_release_2(rig: Rig, **settings: object) -> None:

@@ -16,6 +16,7 @@ from gptimg import (
     Disk,
     cgpt_attr,
     cgpt_set,
+    clone_disk,
     corrupt,
     gptprio_bits,
     make_disk,
@@ -30,15 +31,23 @@ from updateagent import gpt
 from updateagent.errors import GptError
 
 
-@pytest.fixture
-def disk(tmp_path: Path) -> Disk:
-    return make_disk(tmp_path / "disk.img")
-
-
 def _cgpt_field(path: os.PathLike[str] | str, index: int, flag: str) -> str:
     out = subprocess.run(["cgpt", "show", "-i", str(index), flag, os.fspath(path)],
                          capture_output=True, text=True, check=True)
     return out.stdout.strip()
+
+
+def test_every_image_has_its_own_guids_and_a_clone_is_a_twin(disk: Disk, tmp_path: Path) -> None:
+    other = make_disk(tmp_path / "other.img")  # same template as ``disk``
+    mine, theirs = gpt.read_gpt(disk), gpt.read_gpt(other)
+    assert mine.disk_guid != theirs.disk_guid
+    guids = [p.unique_guid for p in (*mine.partitions, *theirs.partitions)]
+    assert len(set(guids)) == len(guids) == 10
+    for image in (disk, other):
+        for part in gpt.read_gpt(image).partitions:  # what an independent reader sees, both copies
+            assert str(part.unique_guid).upper() == _cgpt_field(image, part.index, "-u")
+    twin = clone_disk(disk, tmp_path / "twin.img")
+    assert Path(twin).read_bytes() == Path(disk).read_bytes()
 
 
 def test_reads_the_table_sgdisk_wrote(disk: Disk) -> None:

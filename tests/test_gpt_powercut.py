@@ -25,7 +25,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from gptimg import Disk, MiB, cgpt_attr, corrupt, make_disk, region_offset, sgdisk_problems, sgdisk_verify
+from gptimg import (
+    Disk,
+    MiB,
+    cgpt_attr,
+    clone_disk,
+    corrupt,
+    make_disk,
+    region_offset,
+    sgdisk_problems,
+    sgdisk_verify,
+)
 
 from updateagent import gpt
 from updateagent.bootloader import EmulatedBootloader, choose_partition
@@ -80,7 +90,7 @@ def _expected_torn(before: bytes, after: bytes, order: list[tuple[int, int]], k:
 def _run_point(tmp_path: Path, name: str, k: int) -> tuple[bool, str]:
     a, b, damage, op = SCENARIOS[name]
     disk = make_disk(tmp_path / "disk.img", usr_a=a, usr_b=b, **SMALL)
-    twin = make_disk(tmp_path / "twin.img", usr_a=a, usr_b=b, **SMALL)  # same template, same bytes
+    twin = clone_disk(disk, tmp_path / "twin.img")
     if damage:
         corrupt(disk, damage)  # type: ignore[arg-type]
         corrupt(twin, damage)  # type: ignore[arg-type]

@@ -29,11 +29,6 @@ from updateagent.slots import Slot, SlotTable
 Fields = tuple[int, int, bool]
 
 
-@pytest.fixture
-def disk(tmp_path: Path) -> Disk:
-    return make_disk(tmp_path / "disk.img")
-
-
 def _state(s: Slot) -> Fields:
     return (s.priority, s.tries, s.successful)
 

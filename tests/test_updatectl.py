@@ -54,21 +54,6 @@ class Daemon:
 
 
 @pytest.fixture
-def rig(tmp_path: Path) -> Iterator[Rig]:
-    r = Rig(tmp_path / "machine")
-    try:
-        yield r
-    finally:
-        r.close()
-
-
-@pytest.fixture
-def bus(tmp_path: Path) -> Iterator[PrivateBus]:
-    with PrivateBus(tmp_path / "bus") as b:
-        yield b
-
-
-@pytest.fixture
 def daemon(rig: Rig, bus: PrivateBus, tmp_path: Path) -> Iterator[Daemon]:
     d = Daemon(rig.write_config(), bus, tmp_path / "agent.log")
     try:

@@ -25,24 +25,23 @@ import contextlib
 import hashlib
 import os
 import random
-import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, Unpack
 
-import requests
 from apscheduler.triggers.interval import IntervalTrigger
 
 from locksmith.clock import SYSTEM_CLOCK, Clock
 from locksmith.log import get_logger
-from updateagent.errors import ChannelError, PolicyRefused, UpdateAgentError
+from updateagent import gpt
+from updateagent.errors import PayloadError, PolicyRefused, UpdateAgentError
 from updateagent.health import HealthChecker, HealthReport
 from updateagent.host import BootInfo, Host
-from updateagent.install import InstallResult, InstallTarget, Progress
-from updateagent.slots import Slot, SlotTable
+from updateagent.install import HttpOptions, InstallResult, InstallTarget, Progress
+from updateagent.slots import Slot, SlotTable, slots_from_table
 from updateagent.state import AgentState, PendingUpdate, StateStore
 
 log = get_logger("updateagent.agent")
@@ -90,10 +89,13 @@ class StatusSnapshot:
 
     last_checked_time: int
     progress: float
-    current_operation: str
     new_version: str
     new_size: int
     phase: Phase
+
+    @property
+    def current_operation(self) -> str:
+        return self.phase.operation
 
     def as_tuple(self) -> tuple[int, float, str, str, int]:
         return (self.last_checked_time, self.progress, self.current_operation, self.new_version, self.new_size)
@@ -132,14 +134,19 @@ class UpdateSource(Protocol):
 
 
 class ChannelSource:
-    """The real source: a signed static channel (updateagent.channel) and the streaming installer."""
+    """The real source: a signed static channel (updateagent.channel) and the streaming installer.
 
-    def __init__(self, manifest_url: str, key_paths: Iterable[Path], *, insecure: bool = False) -> None:
+    ``http`` tunes the payload download (retries, backoff, timeouts; see ``install.HttpOptions``).
+    """
+
+    def __init__(self, manifest_url: str, key_paths: Iterable[Path], *, insecure: bool = False,
+                 **http: Unpack[HttpOptions]) -> None:
         from updateagent.signature import KeySet
 
         self.manifest_url = manifest_url
         self.insecure = insecure
         self.keys = None if insecure else KeySet.from_paths(list(key_paths))
+        self.http = http
 
     async def check(self, current_version: str, deny: Iterable[str], allow_downgrade: bool) -> UpdateOffer:
         from updateagent import channel
@@ -157,7 +164,7 @@ class ChannelSource:
         from updateagent.install import install_async
 
         release = offer.handle.release
-        return await install_async(release.manifest, release.manifest_url, target, progress=progress)
+        return await install_async(release.manifest, release.manifest_url, target, progress=progress, **self.http)
 
 
 @dataclass(frozen=True)
@@ -224,28 +231,9 @@ class Schedule:
         return min(base * random.uniform(1 - self.jitter, 1 + self.jitter), self.max_backoff)
 
 
-_HTTP_STATUS_RE = re.compile(r"\bHTTP (\d{3})\b")
-
-
 def is_transient(exc: BaseException) -> bool:
-    """Connection problems and 5xx answers: worth retrying with backoff. Everything else is not."""
-    flag = getattr(exc, "transient", None)
-    if isinstance(flag, bool):
-        return flag
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, requests.ConnectionError | requests.Timeout | ConnectionError | TimeoutError):
-            return True
-        status = getattr(getattr(current, "response", None), "status_code", None)
-        if isinstance(status, int) and status >= 500:
-            return True
-        current = current.__cause__ or current.__context__
-    if isinstance(exc, ChannelError):
-        match = _HTTP_STATUS_RE.search(str(exc))
-        return bool(match and match.group(1).startswith("5"))
-    return False
+    """Worth retrying with backoff: what the code that raised ``exc`` said (``UpdateAgentError.transient``)."""
+    return isinstance(exc, UpdateAgentError) and exc.transient
 
 
 # --------------------------------------------------------------------------- the agent
@@ -292,7 +280,6 @@ class Agent:
         self._check_requested = False
         self._offer: UpdateOffer | None = None
         self._target: Slot | None = None
-        self._install_result: InstallResult | None = None
         self._wake = asyncio.Event()
         self._status_listeners: list[StatusListener] = []
         self._event_listeners: list[EventListener] = []
@@ -324,8 +311,8 @@ class Agent:
         s = self.state
         # update_engine reports the download as complete from verification until the reboot.
         done = self.phase in (Phase.VERIFYING, Phase.FINALIZING, Phase.UPDATED_NEED_REBOOT)
-        return StatusSnapshot(s.last_checked_time, 1.0 if done else self.progress, self.phase.operation,
-                              s.new_version, s.new_size, self.phase)
+        return StatusSnapshot(s.last_checked_time, 1.0 if done else self.progress, s.new_version, s.new_size,
+                              self.phase)
 
     def request_check(self) -> bool:
         """AttemptUpdate: check now. Ignored (False) while an update is applied or waits for a reboot."""
@@ -357,7 +344,7 @@ class Agent:
         """MarkGood: declare the booted slot good now, skipping (or cutting short) the health checks."""
         if self.phase in _APPLYING or self.phase is Phase.CHECKING_FOR_UPDATE:
             raise AgentBusy(f"cannot mark good while {self.phase.value}")
-        slot = self._booted_slot()
+        slot, _ = self._booted_slot()
         if self.state.pending is not None and self.state.pending.kind == "rollback":
             raise AgentBusy("this slot failed its health check and a rollback waits for a reboot")
         if self.phase is Phase.BOOT_HEALTH_CHECK:
@@ -487,15 +474,15 @@ class Agent:
 
     async def _tick_starting(self) -> None:
         saved = self.state
-        if self.slots is not None:
-            await self._repair_gpt()
+        table = await self._repair_gpt() if self.slots is not None else None
         try:
             boot = await asyncio.to_thread(self.host.booted)
         except UpdateAgentError as exc:
             self._fail(exc, Phase.STARTING)
             return
         self.boot = boot
-        slot = self._slot_by_partuuid(boot.partuuid)
+        slots = slots_from_table(table) if table is not None else ()
+        slot = _by_partuuid(slots, boot.partuuid)
         version = self._boot_version(boot, slot)
         state = replace(saved, booted_version=version, booted_slot=slot.name if slot else "")
         if slot is not None and version:
@@ -520,7 +507,8 @@ class Agent:
             if pending.partuuid == boot.partuuid:
                 self._transition(Phase.BOOT_HEALTH_CHECK, version=pending.version, slot=slot.name)
             else:
-                await self._rolled_back(pending, slot, version, reason="new slot did not boot")
+                failed = next(s for s in slots if s is not slot)
+                await self._rolled_back(pending, slot, failed, version, reason="new slot did not boot")
             return
         if pending is not None and pending.kind == "rollback":
             await self._rollback_completed(pending, slot, version)
@@ -534,18 +522,18 @@ class Agent:
         await self._settle_boot("normal", version)
         self._enter_idle(first=True)
 
-    async def _repair_gpt(self) -> None:
+    async def _repair_gpt(self) -> gpt.GptTable:
         """A power cut during a GPT write leaves one copy stale or torn (never both): rewrite it
-        from the good one, so that the next writer and every tool see two valid copies again."""
-        from updateagent import gpt
-
+        from the good one, so that the next writer and every tool see two valid copies again.
+        Returns the table as it is on disk now."""
         assert self.slots is not None
         table = await asyncio.to_thread(gpt.read_gpt, self.slots.disk)
         if table.in_sync:
-            return
-        await asyncio.to_thread(gpt.repair_gpt, self.slots.disk)
+            return table
+        repaired = await asyncio.to_thread(gpt.repair_gpt, self.slots.disk)
         self._event("gpt_repaired", disk=self.slots.disk, source=table.source,
                     primary_problem=table.primary_problem, backup_problem=table.backup_problem)
+        return repaired
 
     async def _resume_same_boot(self, saved: AgentState) -> None:
         """The agent restarted but the machine did not: pick up where the saved status says."""
@@ -565,7 +553,7 @@ class Agent:
         self._enter_idle(first=True)
 
     async def _tick_boot_health_check(self) -> None:
-        slot = self._booted_slot()
+        slot, other = self._booted_slot()
         pending = self.state.pending
         version = pending.version if pending is not None and pending.kind == "update" else self.state.booted_version
         report: HealthReport | None = None
@@ -579,7 +567,7 @@ class Agent:
             finally:
                 self._health_task = None
         if report is not None and not report.ok:
-            await self._health_failed(slot, version, report)
+            await self._health_failed(slot, other, version, report)
             return
         how = "manual" if self._manual_good else ("health_checks" if report is not None else "already_good")
         self._manual_good = False
@@ -597,9 +585,8 @@ class Agent:
         await self._settle_boot("success", version)
         self._enter_idle(first=True)
 
-    async def _health_failed(self, slot: Slot, version: str, report: HealthReport) -> None:
+    async def _health_failed(self, slot: Slot, other: Slot, version: str, report: HealthReport) -> None:
         assert self.slots is not None
-        other = self.slots.other(slot.name)
         now = self._now()
         previous = self._version_of(other)
         detail = report.summary()
@@ -614,7 +601,6 @@ class Agent:
                         detail=detail, rollback="impossible", error=str(exc))
             self._transition(Phase.REPORTING_ERROR_EVENT, error=str(exc))
             return
-        other = self.slots.other(slot.name)
         self.state = replace(
             self.state,
             pending=PendingUpdate(version=previous, slot=other.name, label=other.label, partuuid=other.partuuid,
@@ -627,26 +613,16 @@ class Agent:
         self._transition(Phase.UPDATED_NEED_REBOOT, reason="rollback", version=previous)
         await self.reboot_strategy.reboot_needed(RebootRequest("rollback", previous, other.name))
 
-    async def _rolled_back(self, pending: PendingUpdate, slot: Slot, version: str, reason: str) -> None:
+    async def _rolled_back(self, pending: PendingUpdate, slot: Slot, failed: Slot, version: str, reason: str) -> None:
         """The old slot booted although the new one was expected: never try that version again."""
-        now = self._now()
-        self.state = self.state.deny(pending.version, f"rolled back: {reason}", now)
-        assert self.slots is not None
-        failed = self.slots.slot(pending.slot)  # type: ignore[arg-type]
+        self.state = self.state.deny(pending.version, f"rolled back: {reason}", self._now())
         if failed.priority > 0 and slot.bootable:
-            await asyncio.to_thread(self.slots.mark_bad, pending.slot)  # type: ignore[arg-type]
-        self.state = replace(
-            self.state, pending=None, new_version="", new_size=0, current_version=version,
-            last_boot_outcome="rolled_back",
-            last_error=f"version {pending.version} did not boot; rolled back to {version} ({reason})",
-        )
-        self._event("boot_outcome", outcome="rolled_back", slot=slot.name, version=version,
-                    failed_version=pending.version, reason=reason)
-        await self._settle_boot("rolled_back", version)
-        self._transition(Phase.REPORTING_ERROR_EVENT, error=self.state.last_error)
+            assert self.slots is not None
+            await asyncio.to_thread(self.slots.mark_bad, failed.name)
+        await self._report_rollback(slot, version, pending.version, reason,
+                                    f"version {pending.version} did not boot; rolled back to {version} ({reason})")
 
     async def _rollback_completed(self, pending: PendingUpdate, slot: Slot, version: str) -> None:
-        failed_version = pending.previous_version
         if slot.partuuid != pending.partuuid:
             self._fail(AgentStateError(f"rollback to slot {pending.slot} expected, but slot {slot.name} booted"),
                        Phase.STARTING)
@@ -654,15 +630,17 @@ class Agent:
         if not slot.successful:
             assert self.slots is not None
             await asyncio.to_thread(self.slots.mark_good, slot.name)
-        self.state = replace(
-            self.state, pending=None, new_version="", new_size=0, current_version=version,
-            last_boot_outcome="rolled_back",
-            last_error=f"version {failed_version} failed its health check; rolled back to {version}",
-        )
+        failed_version = pending.previous_version
+        await self._report_rollback(slot, version, failed_version, "health check failed",
+                                    f"version {failed_version} failed its health check; rolled back to {version}")
+
+    async def _report_rollback(self, slot: Slot, version: str, failed_version: str, reason: str, error: str) -> None:
+        self.state = replace(self.state, pending=None, new_version="", new_size=0, current_version=version,
+                             last_boot_outcome="rolled_back", last_error=error)
         self._event("boot_outcome", outcome="rolled_back", slot=slot.name, version=version,
-                    failed_version=failed_version, reason="health check failed")
+                    failed_version=failed_version, reason=reason)
         await self._settle_boot("rolled_back", version)
-        self._transition(Phase.REPORTING_ERROR_EVENT, error=self.state.last_error)
+        self._transition(Phase.REPORTING_ERROR_EVENT, error=error)
 
     async def _tick_idle(self) -> None:
         if self._check_requested or self._check_due():
@@ -677,27 +655,22 @@ class Agent:
         current = self.state.current_version
         if not current:
             raise AgentStateError("the running version is unknown (no os-release VERSION_ID, no host.versions)")
-        now = self._now()
+        # update_engine's "last checked" counts every attempt, failed ones too.
+        self.state = replace(self.state, last_checked_time=int(self._now()))
         try:
             offer = await self.source.check(current, [d.version for d in self.state.deny_list],
                                             self.allow_downgrade)
         except NoUpdate as exc:
-            self._checked(now, ok=True)
             self._event("check_done", outcome="no_update", version=current, detail=str(exc))
-            self._enter_idle()
+            self._cycle_done()
             return
         except PolicyRefused as exc:
-            self._checked(now, ok=True)
             self._event("update_refused", detail=str(exc))
-            self._enter_idle()
+            self._cycle_done()
             return
-        except UpdateAgentError as exc:
-            self._checked(now, ok=False, transient=is_transient(exc))
-            raise
-        self._checked(now, ok=True)
         if self.state.denied(offer.version):  # belt and braces: the source already filters
             self._event("update_refused", version=offer.version, detail="on the deny list")
-            self._enter_idle()
+            self._cycle_done()
             return
         self._offer = offer
         self.state = replace(self.state, new_version=offer.version, new_size=offer.size)
@@ -705,9 +678,8 @@ class Agent:
         self._transition(Phase.UPDATE_AVAILABLE, version=offer.version)
 
     async def _tick_update_available(self) -> None:
-        slot = self._booted_slot()
+        _, target = self._booted_slot()
         assert self.slots is not None
-        target = self.slots.inactive(slot.name)
         if target.priority > 0 or target.tries > 0 or target.successful:
             # The slot is about to hold a half-written image: make sure nothing boots it meanwhile.
             target = next(s for s in await asyncio.to_thread(self.slots.mark_bad, target.name)
@@ -729,19 +701,17 @@ class Agent:
                 self.progress = min(fraction, 1.0)
                 self._notify()
 
-        self._install_result = await self.source.install(
+        result = await self.source.install(
             self._offer, InstallTarget(self.slots.disk, target.offset, target.size), on_progress
         )
         self.progress = 1.0
-        self._transition(Phase.VERIFYING, bytes=self._install_result.bytes_written)
+        self._transition(Phase.VERIFYING, bytes=result.bytes_written)
 
     async def _tick_verifying(self) -> None:
         """Read the slot back: what the bootloader will load must be what was signed."""
         assert self._offer is not None and self._target is not None and self.slots is not None
         digest = await asyncio.to_thread(_hash_range, self.slots.disk, self._target.offset, self._offer.size)
         if digest != self._offer.sha256:
-            from updateagent.errors import PayloadError
-
             raise PayloadError(f"{self.slots.disk}: slot {self._target.name} reads back sha256 {digest}, "
                                f"the manifest says {self._offer.sha256}")
         self._transition(Phase.FINALIZING, sha256=digest)
@@ -760,6 +730,7 @@ class Agent:
         )
         self._event("update_applied", version=offer.version, slot=target.name, partuuid=target.partuuid)
         self._offer = self._target = None
+        self._reschedule(backoff=False)
         self._transition(Phase.UPDATED_NEED_REBOOT, version=offer.version)
         await self.reboot_strategy.reboot_needed(RebootRequest("update", offer.version, target.name))
 
@@ -779,34 +750,38 @@ class Agent:
             log.exception("unexpected_error", phase=phase.value, error=detail)
         self._offer = self._target = None
         self.progress = 0.0
-        self.state = replace(self.state, last_error=detail,
-                             new_version="" if phase in (*_APPLYING, Phase.CHECKING_FOR_UPDATE)
-                             else self.state.new_version)
+        in_cycle = phase in (*_APPLYING, Phase.CHECKING_FOR_UPDATE)
+        self.state = replace(self.state, last_error=detail, new_version="" if in_cycle else self.state.new_version)
+        if in_cycle:
+            self._reschedule(backoff=is_transient(exc))
         self._event("error", phase=phase.value, kind=type(exc).__name__, detail=detail)
         self._transition(Phase.REPORTING_ERROR_EVENT, error=detail)
 
-    def _checked(self, now: float, *, ok: bool, transient: bool = False) -> None:
-        self.state = replace(self.state, last_checked_time=int(now))
-        if ok:
-            self.failures = 0
-            self.next_check = self.schedule.next_check(self.clock.now())
-        elif transient:
+    def _reschedule(self, *, backoff: bool) -> None:
+        """After a check-and-apply cycle: exponential backoff when it failed transiently (the count
+        of such failures in a row grows), else the normal interval (and the count starts over)."""
+        now = self.clock.now()
+        if backoff:
             self.failures += 1
             delay = self.schedule.retry_after(self.failures)
-            self.next_check = self.clock.now() + timedelta(seconds=delay)
+            self.next_check = now + timedelta(seconds=delay)
             log.warning("check_backoff", failures=self.failures, retry_in=round(delay, 1))
         else:
             self.failures = 0
-            self.next_check = self.schedule.next_check(self.clock.now())
+            self.next_check = self.schedule.next_check(now)
+
+    def _cycle_done(self) -> None:
+        """The check found nothing to apply: back to idle until the next scheduled check."""
+        self._reschedule(backoff=False)
+        self._enter_idle()
 
     def _check_due(self) -> bool:
         return self.next_check is not None and self.clock.now() >= self.next_check
 
     def _enter_idle(self, *, first: bool = False) -> None:
-        if first and self.next_check is None:
-            self.next_check = self.clock.now() if self.check_on_start else self.schedule.next_check(self.clock.now())
-        elif self.next_check is None:
-            self.next_check = self.schedule.next_check(self.clock.now())
+        if self.next_check is None:
+            now = self.clock.now()
+            self.next_check = now if first and self.check_on_start else self.schedule.next_check(now)
         self.progress = 0.0
         if self.state.pending is None:
             self.state = replace(self.state, new_version="", new_size=0)
@@ -833,41 +808,28 @@ class Agent:
             log.error("state_save_failed", error=str(exc))
 
     def _notify(self) -> None:
-        snapshot = self.status()
-        for listener in list(self._status_listeners):
-            try:
-                listener(snapshot)
-            except Exception as exc:
-                log.error("status_listener_failed", error=str(exc))
+        _tell(self._status_listeners, self.status(), "status")
 
     def _event(self, name: str, **details: Any) -> None:
         now = self._now()
         self.state = self.state.record(name, now, **details)
         log.info(name, **details)
-        event = AgentEvent(now, name, details)
-        for listener in list(self._event_listeners):
-            try:
-                listener(event)
-            except Exception as exc:
-                log.error("event_listener_failed", error=str(exc))
+        _tell(self._event_listeners, AgentEvent(now, name, details), "event")
 
     def _now(self) -> float:
         return self.clock.now().timestamp()
 
-    def _slot_by_partuuid(self, partuuid: str) -> Slot | None:
-        if self.slots is None:
-            return None
-        return next((s for s in self.slots.read() if s.partuuid == partuuid.lower()), None)
-
-    def _booted_slot(self) -> Slot:
+    def _booted_slot(self) -> tuple[Slot, Slot]:
+        """(the booted slot, the other one), from one read of the GPT."""
         if self.slots is None:
             raise AgentStateError("no disk configured (disk.path)")
         if self.boot is None:
             raise AgentStateError("the booted slot is unknown")
-        slot = self._slot_by_partuuid(self.boot.partuuid)
+        slots = self.slots.read()
+        slot = _by_partuuid(slots, self.boot.partuuid)
         if slot is None:
             raise AgentStateError(f"booted partition {self.boot.partuuid} is neither slot of {self.slots.disk}")
-        return slot
+        return slot, next(s for s in slots if s is not slot)
 
     def _boot_version(self, boot: BootInfo, slot: Slot | None) -> str:
         if boot.version:
@@ -884,6 +846,19 @@ class Agent:
             or self.initial_versions.get(slot.partuuid)
             or ""
         )
+
+
+def _tell(listeners: list[Callable[[Any], None]], value: Any, kind: str) -> None:
+    # A subscriber's bug (the D-Bus layer, a test) must not take the agent down.
+    for listener in list(listeners):
+        try:
+            listener(value)
+        except Exception as exc:
+            log.error(f"{kind}_listener_failed", error=str(exc))
+
+
+def _by_partuuid(slots: Iterable[Slot], partuuid: str) -> Slot | None:
+    return next((s for s in slots if s.partuuid == partuuid.lower()), None)
 
 
 def _hash_range(path: str, offset: int, size: int) -> str:

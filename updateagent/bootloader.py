@@ -15,11 +15,9 @@ GRUB does not apply it; such a slot simply stops being a candidate because tries
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import tempfile
 import uuid
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -27,6 +25,7 @@ from typing import Any
 
 from locksmith.log import get_logger
 from updateagent import gpt
+from updateagent._atomic import write_atomic
 from updateagent.errors import GptError, UpdateAgentError
 from updateagent.slots import USR_PARTITION_TYPE, SlotName, slots_from_table
 
@@ -56,7 +55,8 @@ class BootRecordError(UpdateAgentError):
 
 @dataclass(frozen=True)
 class BootRecord:
-    """What the emulated bootloader booted. ``time`` is timezone-aware UTC."""
+    """What the emulated bootloader booted. ``time`` is timezone-aware UTC. The file carries
+    ``format_version`` too; the reader accepts only ``BOOT_RECORD_FORMAT``."""
 
     slot: SlotName
     label: str
@@ -64,12 +64,11 @@ class BootRecord:
     partuuid: str
     boot_id: str
     time: datetime
-    format_version: int = BOOT_RECORD_FORMAT
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["time"] = self.time.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
-        return {"format_version": data.pop("format_version"), **data}
+        return {"format_version": BOOT_RECORD_FORMAT, **data}
 
 
 def choose_partition(partitions: tuple[gpt.Partition, ...]) -> gpt.Partition | None:
@@ -81,26 +80,6 @@ def choose_partition(partitions: tuple[gpt.Partition, ...]) -> gpt.Partition | N
         if (part.tries > 0 or part.successful) and part.priority > (best.priority if best else 0):
             best = part
     return best
-
-
-def _write_atomic(path: str, payload: bytes) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".boot-record.", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 class EmulatedBootloader:
@@ -148,7 +127,7 @@ class EmulatedBootloader:
                            f"which is neither slot A nor slot B")
         record = BootRecord(slot=slot.name, label=slot.label, partition=slot.partition,
                             partuuid=slot.partuuid, boot_id=uuid.uuid4().hex, time=datetime.now(UTC))
-        _write_atomic(self._record, (json.dumps(record.to_json(), indent=2) + "\n").encode())
+        write_atomic(self._record, (json.dumps(record.to_json(), indent=2) + "\n").encode())
         log.info("emulated_boot", disk=self._disk, slot=slot.name, partition=slot.partition,
                  tries_left=max(part.tries - 1, 0), boot_id=record.boot_id)
         return record
@@ -205,4 +184,4 @@ def read_boot_record(path: str | os.PathLike[str]) -> BootRecord:
     if when.utcoffset() is None:
         raise BootRecordError(f"{p}: boot record 'time' {stamp!r} has no timezone")
     return BootRecord(slot=slot, label=label, partition=partition, partuuid=partuuid,
-                      boot_id=boot_id, time=when.astimezone(UTC), format_version=version)
+                      boot_id=boot_id, time=when.astimezone(UTC))

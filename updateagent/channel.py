@@ -7,10 +7,11 @@ manifest strictly and decides with :func:`check` whether its release may be offe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import total_ordering
@@ -21,7 +22,7 @@ from urllib.parse import urljoin, urlsplit
 import requests
 
 from locksmith.log import get_logger
-from updateagent.errors import ChannelError, PolicyRefused, SignatureError
+from updateagent.errors import ChannelError, PayloadError, PolicyRefused, SignatureError
 from updateagent.signature import KeySet
 
 _log = get_logger(__name__)
@@ -89,9 +90,11 @@ class Version:
 
 @dataclass(frozen=True)
 class Manifest:
-    """One release as a channel describes it. ``payload`` is as written (maybe relative)."""
+    """One release as a channel describes it. ``payload`` is as written (maybe relative).
 
-    format_version: int
+    There is no format_version field: the parser accepts only ``FORMAT_VERSION``.
+    """
+
     version: Version
     payload: str
     size: int  # uncompressed image bytes: what lands in the slot
@@ -104,7 +107,7 @@ class Manifest:
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
-            "format_version": self.format_version,
+            "format_version": FORMAT_VERSION,
             "version": str(self.version),
             "payload": self.payload,
             "size": self.size,
@@ -125,6 +128,12 @@ class Manifest:
     def payload_url(self, manifest_url: str) -> str:
         """Resolve ``payload`` against the manifest's own URL (relative references allowed)."""
         return urljoin(manifest_url, self.payload)
+
+
+def require_compression(name: str) -> None:
+    """Refuse (PayloadError) a compression this agent cannot read, before any byte is moved."""
+    if name not in COMPRESSIONS:
+        raise PayloadError(f"unknown compression {name!r} (known: {', '.join(COMPRESSIONS)})")
 
 
 _REQUIRED = ("format_version", "version", "payload", "size", "compressed_size", "sha256", "compression",
@@ -218,7 +227,6 @@ def parse_manifest(data: bytes, where: str = MANIFEST_NAME) -> Manifest:
     min_version = _want_version(doc, "min_version", where) if "min_version" in doc else None
     deadend = _want_str(doc, "deadend", where) if "deadend" in doc else None
     return Manifest(
-        format_version=fv,
         version=version,
         payload=payload,
         size=size,
@@ -240,6 +248,25 @@ def new_session(max_redirects: int = MAX_REDIRECTS) -> requests.Session:
     s.max_redirects = max_redirects
     s.headers["User-Agent"] = USER_AGENT
     return s
+
+
+# A connection that failed or broke off may work on the next try; a redirect loop or a bad URL will not.
+TRANSIENT_REQUEST_ERRORS = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
+
+
+def transient_status(code: int) -> bool:
+    """HTTP answers worth retrying later: server errors (5xx) and rate limiting (429)."""
+    return code >= 500 or code == 429
+
+
+@contextlib.contextmanager
+def session_scope(session: requests.Session | None) -> Iterator[requests.Session]:
+    """``session`` as given, or a new one (see :func:`new_session`) closed on the way out."""
+    if session is not None:
+        yield session
+        return
+    with new_session() as own:
+        yield own
 
 
 def describe_request_error(url: str, exc: requests.RequestException) -> str:
@@ -271,7 +298,7 @@ def _fetch_small(
                     raise SignatureError(
                         f"{msg}: the manifest is unsigned; refused (set insecure_allow_unsigned to accept)"
                     )
-                raise ChannelError(msg)
+                raise ChannelError(msg, transient=transient_status(resp.status_code))
             if is_html(resp):
                 raise ChannelError(f"{url}: server answered with an HTML page (Content-Type text/html), "
                                    f"not the {what}")
@@ -282,9 +309,12 @@ def _fetch_small(
                 if len(body) > MAX_MANIFEST_BYTES:
                     raise ChannelError(f"{url}: {what} is larger than {MAX_MANIFEST_BYTES} bytes")
     except requests.RequestException as exc:
-        raise ChannelError(describe_request_error(url, exc)) from exc
+        raise ChannelError(describe_request_error(url, exc),
+                           transient=isinstance(exc, TRANSIENT_REQUEST_ERRORS)) from exc
     if declared is not None and declared.isdigit() and int(declared) != len(body):
-        raise ChannelError(f"{url}: wrong Content-Length: header says {declared}, body has {len(body)} bytes")
+        # What a connection cut short looks like when the transport did not notice.
+        raise ChannelError(f"{url}: wrong Content-Length: header says {declared}, body has {len(body)} bytes",
+                           transient=True)
     return bytes(body)
 
 
@@ -335,18 +365,14 @@ def fetch(
     """Fetch ``url`` (a manifest.json URL) and its ``.sig``, verify, parse.
 
     Raises SignatureError (bad, missing or untrusted signature) or ChannelError (unreachable,
-    HTML page, wrong Content-Length, redirect loop, malformed manifest).
+    HTML page, wrong Content-Length, redirect loop, malformed manifest); ``transient`` is set on
+    the errors worth retrying soon.
     """
-    own = session is None
-    s = session or new_session()
-    try:
+    with session_scope(session) as s:
         data = _fetch_small(s, url, "manifest", timeout, missing_is_signature=False)
         sig = None
         if not insecure_allow_unsigned:
             sig = _fetch_small(s, url + SIGNATURE_SUFFIX, "signature", timeout, missing_is_signature=True)
-    finally:
-        if own:
-            s.close()
     _refuse_markup(data, url)  # before the signature check, which would blame the signature
     kid = _verify(data, sig, keys, url, insecure_allow_unsigned)
     manifest = parse_manifest(data, url)

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import signal
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -24,8 +25,8 @@ from updateagent.agent import (
     ReportOnlyStrategy,
     Schedule,
 )
+from updateagent.cli._common import fail_cleanly
 from updateagent.config import AgentSettings, ConfigError, load_settings
-from updateagent.errors import UpdateAgentError
 from updateagent.health import HealthChecker
 from updateagent.host import EmulatedHost, Host, SystemHost
 from updateagent.slots import SlotTable
@@ -142,24 +143,15 @@ async def serve(settings: AgentSettings, *, use_dbus: bool = True) -> int:
 @click.option("--no-dbus", is_flag=True, help="Do not serve on D-Bus.")
 @click.option("--once", is_flag=True, help="Run the after-boot logic and one check/apply, then exit.")
 @click.option("--log-level", default="INFO", show_default=True)
+@fail_cleanly("update-agent", usage_errors=(ConfigError,))
 def main(config_path: Path | None, update_conf: tuple[Path, ...], bus_address: str | None, no_dbus: bool,
          once: bool, log_level: str) -> None:
     """The update agent daemon."""
     configure(log_level)
-    try:
-        settings = load_settings(config_path, update_conf_paths=update_conf or None)
-        if bus_address:
-            from dataclasses import replace
-
-            settings = replace(settings, bus_address=bus_address)
-        code = asyncio.run(run_once(settings) if once else serve(settings, use_dbus=not no_dbus))
-    except ConfigError as exc:
-        click.echo(f"update-agent: {exc}", err=True)
-        sys.exit(2)
-    except UpdateAgentError as exc:
-        click.echo(f"update-agent: {exc}", err=True)
-        sys.exit(1)
-    sys.exit(code)
+    settings = load_settings(config_path, update_conf_paths=update_conf or None)
+    if bus_address:
+        settings = replace(settings, bus_address=bus_address)
+    sys.exit(asyncio.run(run_once(settings) if once else serve(settings, use_dbus=not no_dbus)))
 
 
 if __name__ == "__main__":

@@ -99,6 +99,9 @@ _name_args(ManagerInterface, "GetStatus", _STATUS_ARG_NAMES)
 _name_args(ManagerInterface, "StatusUpdate", _STATUS_ARG_NAMES)
 
 
+_PROPERTIES = ("Phase", "CurrentVersion", "BootedVersion", "BootedSlot", "LastBootOutcome", "LastError")
+
+
 class AgentInterface(ServiceInterface):
     """``io.coreupdate.Agent1``: our own, richer view. Complex values are versioned JSON documents."""
 
@@ -169,15 +172,8 @@ class AgentInterface(ServiceInterface):
         return [event.event, json.dumps({"time": event.time, **event.details}, default=str)]
 
     def properties_changed(self) -> None:
-        agent = self._agent
-        self.emit_properties_changed({
-            "Phase": agent.phase.value,
-            "CurrentVersion": agent.state.current_version,
-            "BootedVersion": agent.state.booted_version,
-            "BootedSlot": agent.state.booted_slot,
-            "LastBootOutcome": agent.state.last_boot_outcome,
-            "LastError": agent.state.last_error,
-        })
+        # Reading a dbus_property on the instance runs its getter: one definition of each value.
+        self.emit_properties_changed({name: getattr(self, name) for name in _PROPERTIES})
 
 
 async def connect(bus_address: str | None) -> MessageBus:

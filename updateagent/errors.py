@@ -4,7 +4,18 @@ from __future__ import annotations
 
 
 class UpdateAgentError(Exception):
-    """Base of every error the agent raises on purpose."""
+    """Base of every error the agent raises on purpose.
+
+    ``transient`` is decided where the error is raised: True when the same request may well
+    succeed soon (connection errors, timeouts, HTTP 5xx and 429), so the agent retries with
+    exponential backoff; False (the default) when retrying soon cannot help (HTTP 4xx, a bad
+    signature, a malformed manifest), so the agent keeps its normal check interval. Only the
+    channel and the download raise transient errors.
+    """
+
+    def __init__(self, message: str = "", *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 class GptError(UpdateAgentError):
@@ -29,7 +40,3 @@ class PayloadError(UpdateAgentError):
 
 class PolicyRefused(UpdateAgentError):
     """A release the agent refuses by rule: a downgrade, a denied version, a dead end."""
-
-
-class HealthCheckError(UpdateAgentError):
-    """A health check that failed after boot."""

@@ -116,9 +116,6 @@ class HealthChecker:
                 ok, detail = False, f"timed out after {spec.timeout:g}s"
         return CheckResult(spec.label(), ok, detail, time.monotonic() - started)
 
-    async def run_once(self) -> tuple[CheckResult, ...]:
-        return tuple(await asyncio.gather(*(self.run_one(spec) for spec in self.checks)))
-
     async def run(self) -> HealthReport:
         """Run every check; retry the failing ones until all pass or the deadline passes."""
         end = self._monotonic() + self.deadline

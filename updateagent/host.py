@@ -168,20 +168,11 @@ class EmulatedHost:
         return hashlib.sha256(str(self.disk.resolve()).encode()).hexdigest()[:32]
 
     def booted(self) -> BootInfo:
+        """From the boot record; ``read_boot_record`` validates every field (BootRecordError)."""
         from updateagent.bootloader import read_boot_record
 
-        try:
-            record = read_boot_record(self.boot_record)
-        except UpdateAgentError:
-            raise
-        except Exception as exc:  # the record is external input: any failure is a HostError
-            raise HostError(f"{self.boot_record}: cannot read boot record: {exc}") from None
-        partuuid = str(_field(record, "partuuid")).lower()
-        return BootInfo(
-            partuuid=partuuid,
-            boot_id=str(_field(record, "boot_id")),
-            label=str(_field(record, "label")) if _field(record, "label", None) else None,
-        )
+        record = read_boot_record(self.boot_record)
+        return BootInfo(partuuid=record.partuuid, boot_id=record.boot_id, label=record.label or None)
 
     def power_cycle(self) -> None:
         """Run the emulated bootloader once: what a reboot does to the disk and the boot record."""
@@ -194,15 +185,3 @@ class EmulatedHost:
         await asyncio.to_thread(self.power_cycle)
         log.info("reboot_emulated", disk=str(self.disk), reboots=self.reboots)
         self.rebooted.set()
-
-
-def _field(record: object, name: str, *default: object) -> object:
-    # The record may be a mapping or a dataclass, depending on the bootloader module's API.
-    if isinstance(record, dict):
-        if name in record:
-            return record[name]
-    elif hasattr(record, name):
-        return getattr(record, name)
-    if default:
-        return default[0]
-    raise HostError(f"boot record has no {name!r}")

@@ -24,7 +24,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypedDict, Unpack
 
 import requests
 import urllib3
@@ -32,13 +32,15 @@ import zstandard
 
 from locksmith.log import get_logger
 from updateagent.channel import (
-    COMPRESSIONS,
     DEFAULT_TIMEOUT,
+    TRANSIENT_REQUEST_ERRORS,
     Manifest,
     Version,
     describe_request_error,
     is_html,
-    new_session,
+    require_compression,
+    session_scope,
+    transient_status,
 )
 from updateagent.errors import DownloadError, PayloadError, UpdateAgentError
 
@@ -84,6 +86,20 @@ class InstallResult:
 
 
 ProgressCallback = Callable[[Progress], None]
+
+
+class HttpOptions(TypedDict, total=False):
+    """How the payload is fetched; every key is optional (defaults in brackets).
+
+    ``session`` [a new one per install], ``max_retries`` [5] consecutive failed attempts without
+    progress, ``backoff`` [0.5] seconds before the first retry (doubling, at most 30), and
+    ``http_timeout`` [``channel.DEFAULT_TIMEOUT``] as (connect, read) seconds.
+    """
+
+    session: requests.Session | None
+    max_retries: int
+    backoff: float
+    http_timeout: tuple[float, float]
 
 
 class _Reader(Protocol):
@@ -216,9 +232,10 @@ class _HttpSource:
             except _Retryable as exc:
                 failures = 0 if self.received > before else failures + 1
                 if failures > self._max_retries:
+                    # Only transient failures get here: the agent will try again later, with backoff.
                     raise DownloadError(
                         f"{self.url}: giving up after {self._max_retries} retries without progress "
-                        f"at byte {self.received} of {self.expected}: {exc}"
+                        f"at byte {self.received} of {self.expected}: {exc}", transient=True,
                     ) from None
                 delay = min(self._backoff * (2 ** max(failures - 1, 0)), 30.0)
                 self.resumes += 1
@@ -233,9 +250,7 @@ class _HttpSource:
             headers["Range"] = f"bytes={self.received}-"
         try:
             resp = self._session.get(self.url, stream=True, timeout=self._timeout, headers=headers)
-        except requests.TooManyRedirects as exc:
-            raise DownloadError(describe_request_error(self.url, exc)) from exc
-        except (requests.ConnectionError, requests.Timeout) as exc:
+        except TRANSIENT_REQUEST_ERRORS as exc:
             raise _Retryable(describe_request_error(self.url, exc)) from exc
         except requests.RequestException as exc:
             raise DownloadError(describe_request_error(self.url, exc)) from exc
@@ -269,7 +284,7 @@ class _HttpSource:
     def _check_response(self, resp: requests.Response) -> int:
         """Validate status and headers; return how many leading body bytes to discard."""
         code = resp.status_code
-        if code in (429, 500, 502, 503, 504):
+        if transient_status(code):
             raise _Retryable(f"HTTP {code}")
         if code == 416:
             raise DownloadError(
@@ -385,14 +400,13 @@ class _GzipReader:
 
 
 def _decompressor(compression: str, src: _Reader) -> _Reader:
+    require_compression(compression)
     if compression == "none":
         return src
     if compression == "gzip":
         return _GzipReader(src)
-    if compression == "zstd":
-        dctx = zstandard.ZstdDecompressor(max_window_size=MAX_ZSTD_WINDOW)
-        return dctx.stream_reader(src, read_size=CHUNK_SIZE, read_across_frames=True, closefd=False)
-    raise PayloadError(f"unknown compression {compression!r} (known: {', '.join(COMPRESSIONS)})")
+    dctx = zstandard.ZstdDecompressor(max_window_size=MAX_ZSTD_WINDOW)
+    return dctx.stream_reader(src, read_size=CHUNK_SIZE, read_across_frames=True, closefd=False)
 
 
 # --------------------------------------------------------------------------- sinks
@@ -518,19 +532,13 @@ def _pipeline(
 
 
 def _source(
-    manifest: Manifest,
-    manifest_url: str,
-    session: requests.Session,
-    cancel: threading.Event,
-    *,
-    timeout: tuple[float, float],
-    max_retries: int,
-    backoff: float,
+    manifest: Manifest, manifest_url: str, session: requests.Session, cancel: threading.Event, http: HttpOptions
 ) -> _HttpSource | _FileSource:
     url = manifest.payload_url(manifest_url)
     if url.startswith(("http://", "https://")):
-        return _HttpSource(session, url, manifest.compressed_size, timeout=timeout, max_retries=max_retries,
-                           backoff=backoff, chunk_size=CHUNK_SIZE, cancel=cancel)
+        return _HttpSource(session, url, manifest.compressed_size, timeout=http.get("http_timeout", DEFAULT_TIMEOUT),
+                           max_retries=http.get("max_retries", 5), backoff=http.get("backoff", 0.5),
+                           chunk_size=CHUNK_SIZE, cancel=cancel)
     if "://" in url:
         raise DownloadError(f"{url}: only http, https and local paths are supported")
     return _FileSource(Path(url), manifest.compressed_size)
@@ -542,68 +550,44 @@ def install(
     target: InstallTarget,
     *,
     progress: ProgressCallback | None = None,
-    session: requests.Session | None = None,
-    max_retries: int = 5,
     cancel: threading.Event | None = None,
-    http_timeout: tuple[float, float] = DEFAULT_TIMEOUT,
-    backoff: float = 0.5,
+    **http: Unpack[HttpOptions],
 ) -> InstallResult:
     """Stream ``manifest``'s payload into ``target`` and fsync it; return only on full success.
 
     ``manifest_url`` resolves a relative ``payload`` (an http(s) URL, or a local manifest path).
-    ``max_retries`` bounds consecutive failed attempts without progress; each retry resumes with
-    a Range request after an exponential backoff starting at ``backoff`` seconds. Setting
-    ``cancel`` stops the install with InstallCancelled. Raises PayloadError (size, sha256,
-    compression, slot too small), DownloadError (HTTP problems) or UpdateAgentError (bad target).
-    On any error the slot holds garbage and must not be marked bootable.
+    A dropped connection, a timeout, HTTP 5xx or 429 is retried with a Range request after an
+    exponential backoff (see :class:`HttpOptions`). Setting ``cancel`` stops the install with
+    InstallCancelled. Raises PayloadError (size, sha256, compression, slot too small),
+    DownloadError (HTTP problems; ``transient`` when the retries ran out) or UpdateAgentError
+    (bad target). On any error the slot holds garbage and must not be marked bootable.
     """
-    if manifest.compression not in COMPRESSIONS:
-        raise PayloadError(f"unknown compression {manifest.compression!r} (known: {', '.join(COMPRESSIONS)})")
     if manifest.size > target.size:
         raise PayloadError(
             f"payload larger than the slot: image is {manifest.size} bytes, {target.path} slot holds {target.size}"
         )
     cancel = cancel or threading.Event()
-    own = session is None
-    s = session or new_session()
     sink = _SlotSink(target)
     _log.info("install_start", version=str(manifest.version), target=str(target.path), offset=target.offset,
               size=manifest.size, compression=manifest.compression)
     try:
-        src = _source(manifest, manifest_url, s, cancel, timeout=http_timeout, max_retries=max_retries,
-                      backoff=backoff)
-        result = _pipeline(manifest, src, sink, progress, cancel)
+        with session_scope(http.get("session")) as s:
+            result = _pipeline(manifest, _source(manifest, manifest_url, s, cancel, http), sink, progress, cancel)
     except BaseException as exc:
         _log.error("install_failed", version=str(manifest.version), error=str(exc), kind=type(exc).__name__)
         raise
     finally:
         sink.close()
-        if own:
-            s.close()
     _log.info("install_done", version=str(manifest.version), bytes=result.bytes_written,
               seconds=round(result.elapsed, 3), resumes=result.resumes)
     return result
 
 
-def verify_payload(
-    manifest: Manifest,
-    manifest_url: str,
-    *,
-    session: requests.Session | None = None,
-    max_retries: int = 5,
-    http_timeout: tuple[float, float] = DEFAULT_TIMEOUT,
-) -> InstallResult:
+def verify_payload(manifest: Manifest, manifest_url: str, **http: Unpack[HttpOptions]) -> InstallResult:
     """Run the install pipeline without a target: checks sizes, compression and sha256."""
     cancel = threading.Event()
-    own = session is None
-    s = session or new_session()
-    try:
-        src = _source(manifest, manifest_url, s, cancel, timeout=http_timeout, max_retries=max_retries,
-                      backoff=0.5)
-        return _pipeline(manifest, src, _NullSink(), None, cancel)
-    finally:
-        if own:
-            s.close()
+    with session_scope(http.get("session")) as s:
+        return _pipeline(manifest, _source(manifest, manifest_url, s, cancel, http), _NullSink(), None, cancel)
 
 
 async def install_async(
@@ -612,10 +596,7 @@ async def install_async(
     target: InstallTarget,
     *,
     progress: ProgressCallback | None = None,
-    session: requests.Session | None = None,
-    max_retries: int = 5,
-    http_timeout: tuple[float, float] = DEFAULT_TIMEOUT,
-    backoff: float = 0.5,
+    **http: Unpack[HttpOptions],
 ) -> InstallResult:
     """:func:`install` in a worker thread. ``progress`` runs on the event loop.
 
@@ -630,10 +611,7 @@ async def install_async(
             loop.call_soon_threadsafe(progress, p)
 
     task = asyncio.ensure_future(
-        asyncio.to_thread(
-            install, manifest, manifest_url, target, progress=on_progress, session=session,
-            max_retries=max_retries, cancel=cancel, http_timeout=http_timeout, backoff=backoff,
-        )
+        asyncio.to_thread(install, manifest, manifest_url, target, progress=on_progress, cancel=cancel, **http)
     )
     try:
         return await asyncio.shield(task)

@@ -19,9 +19,8 @@ import zstandard
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from locksmith.log import get_logger
+from updateagent._atomic import write_atomic
 from updateagent.channel import (
-    COMPRESSIONS,
-    FORMAT_VERSION,
     MANIFEST_NAME,
     SIGNATURE_SUFFIX,
     ChannelRelease,
@@ -29,6 +28,7 @@ from updateagent.channel import (
     Version,
     fetch,
     load_dir,
+    require_compression,
 )
 from updateagent.errors import ChannelError, PayloadError, SignatureError
 from updateagent.install import InstallResult, verify_payload
@@ -54,15 +54,6 @@ class BuildResult:
     signature_path: Path
     payload_path: Path
     key_id: str
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
 
 
 def _compress(src: BinaryIO, dst: BinaryIO, compression: str, level: int | None, size: int) -> str:
@@ -105,8 +96,7 @@ def build_release(
     atomically, by rename). A client polling in between sees a signature mismatch, refuses, and
     succeeds on its next poll.
     """
-    if compression not in COMPRESSIONS:
-        raise PayloadError(f"unknown compression {compression!r} (known: {', '.join(COMPRESSIONS)})")
+    require_compression(compression)
     try:
         ver = Version.coerce(version)
         minv = Version.coerce(min_version) if min_version is not None else None
@@ -134,7 +124,6 @@ def build_release(
     compressed_size = tmp.stat().st_size
     tmp.replace(payload_path)
     manifest = Manifest(
-        format_version=FORMAT_VERSION,
         version=ver,
         payload=payload_name,
         size=size,
@@ -148,8 +137,8 @@ def build_release(
     data = manifest.to_bytes()
     manifest_path = out / MANIFEST_NAME
     sig_path = out / (MANIFEST_NAME + SIGNATURE_SUFFIX)
-    _atomic_write(manifest_path, data)
-    _atomic_write(sig_path, sign(private, data))
+    write_atomic(manifest_path, data)
+    write_atomic(sig_path, sign(private, data))
     kid = key_id(private.public_key())
     _log.info("release_built", version=str(ver), channel_dir=str(out), payload=payload_name, size=size,
               compressed_size=compressed_size, key_id=kid)

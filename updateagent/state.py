@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from locksmith.log import get_logger
+from updateagent._atomic import write_atomic
 from updateagent.errors import UpdateAgentError
 
 FORMAT_VERSION = 1
@@ -160,24 +160,9 @@ class StateStore:
             return AgentState().record("state_reset", now, error=str(exc), moved_to=str(aside))
 
     def save(self, state: AgentState) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         payload = json.dumps(state.to_json(), indent=1, sort_keys=True).encode()
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
         try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(payload)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, self.path)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(self.path, payload)
         except OSError as exc:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
             raise StateError(f"{self.path}: cannot write: {exc}") from None
-        # The rename is only durable once the directory entry is on disk.
-        dir_fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)

@@ -2,24 +2,21 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
+
+from locksmith.log import configure
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Inspect and drive the update agent; publish releases."""
+    # Log lines go to stderr so that `--output json` leaves stdout parseable.
+    configure("WARNING", stream=sys.stderr)
 
 
-def _register() -> None:
-    # Imported for their side effect of adding commands to `main`; each module owns its commands.
-    import importlib
+# Imported for their side effect of adding their commands to `main`.
+from updateagent.cli import agentcmds, release  # noqa: E402
 
-    for name in ("release", "agentcmds"):
-        try:
-            importlib.import_module(f"updateagent.cli.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"updateagent.cli.{name}":
-                raise
-
-
-_register()
+__all__ = ["agentcmds", "main", "release"]

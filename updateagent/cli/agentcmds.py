@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from functools import wraps
 from typing import Any, TypeVar
 
 import click
 
 from updateagent.cli import main
-from updateagent.errors import UpdateAgentError
+from updateagent.cli._common import emit, emit_json, fail_cleanly, output_option
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -22,27 +20,19 @@ _bus = click.option(
     "--bus-address", envvar="UPDATECTL_BUS_ADDRESS", default=None, metavar="ADDRESS",
     help="D-Bus address of the agent's bus (default: the system bus; env UPDATECTL_BUS_ADDRESS).",
 )
-_output = click.option(
-    "--output", "-o", type=click.Choice(["text", "json"]), default="text", show_default=True,
-    help="Result format.",
-)
+
+
+def _agent_command(name: str) -> Callable[[F], click.Command]:
+    """An ``updatectl`` subcommand that talks to the agent: ``--bus-address``, ``--output`` and
+    one-line errors."""
+
+    def decorate(fn: F) -> click.Command:
+        return main.command(name)(_bus(output_option(fail_cleanly("updatectl")(fn))))
+
+    return decorate
+
 
 _DONE = ("UPDATE_STATUS_IDLE", "UPDATE_STATUS_UPDATED_NEED_REBOOT", "UPDATE_STATUS_REPORTING_ERROR_EVENT")
-
-
-def _clean_errors(fn: F) -> F:
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except UpdateAgentError as exc:
-            click.echo(f"updatectl: {exc}", err=True)
-            sys.exit(1)
-        except TimeoutError as exc:
-            click.echo(f"updatectl: {exc or 'timed out'}", err=True)
-            sys.exit(1)
-
-    return wrapper  # type: ignore[return-value]
 
 
 def _run(bus_address: str | None, body: Callable[[Any], Awaitable[T]]) -> T:
@@ -53,10 +43,6 @@ def _run(bus_address: str | None, body: Callable[[Any], Awaitable[T]]) -> T:
             return await body(client)
 
     return asyncio.run(go())
-
-
-def _emit_json(doc: Any) -> None:
-    click.echo(json.dumps(doc, indent=2, sort_keys=True))
 
 
 def _when(stamp: int | float | None) -> str:
@@ -88,10 +74,7 @@ def _slot_lines(slots: list[dict[str, Any]]) -> list[str]:
     return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
 
 
-@main.command("status")
-@_bus
-@_output
-@_clean_errors
+@_agent_command("status")
 def status_cmd(bus_address: str | None, output: str) -> None:
     """The agent's state, versions, last check, progress and the slot table."""
 
@@ -103,9 +86,10 @@ def status_cmd(bus_address: str | None, output: str) -> None:
         }
 
     doc = _run(bus_address, body)
-    if output == "json":
-        _emit_json(doc)
-        return
+    emit(output, doc, _status_text(doc))
+
+
+def _status_text(doc: dict[str, Any]) -> str:
     st, d = doc["status"], doc["details"]
     pending = d.get("pending")
     lines = [
@@ -124,56 +108,37 @@ def status_cmd(bus_address: str | None, output: str) -> None:
         "",
         *_slot_lines(doc["slots"]),
     ]
-    click.echo("\n".join(lines))
+    return "\n".join(lines)
 
 
-@main.command("slots")
-@_bus
-@_output
-@_clean_errors
+@_agent_command("slots")
 def slots_cmd(bus_address: str | None, output: str) -> None:
     """The A/B slot table with its GPT priority/tries/successful bits."""
     slots = _run(bus_address, lambda c: c.slots())
-    if output == "json":
-        _emit_json(slots)
-    else:
-        click.echo("\n".join(_slot_lines(slots)))
+    emit(output, slots, "\n".join(_slot_lines(slots)))
 
 
-@main.command("history")
+@_agent_command("history")
 @click.option("--limit", "-n", type=click.IntRange(min=0), default=20, show_default=True,
               help="How many of the latest events (0: all).")
-@_bus
-@_output
-@_clean_errors
 def history_cmd(limit: int, bus_address: str | None, output: str) -> None:
     """The agent's recent events (boots, checks, applies, rollbacks, errors)."""
     entries = _run(bus_address, lambda c: c.history(limit))
-    if output == "json":
-        _emit_json(entries)
-        return
+    lines = []
     for e in entries:
         details = " ".join(f"{k}={v}" for k, v in e["details"].items() if k != "checks")
-        click.echo(f"{_when(e['time'])}  {e['event']:<18} {details}".rstrip())
+        lines.append(f"{_when(e['time'])}  {e['event']:<18} {details}".rstrip())
+    emit(output, entries, "\n".join(lines))
 
 
-@main.command("mark-good")
-@_bus
-@_output
-@_clean_errors
+@_agent_command("mark-good")
 def mark_good_cmd(bus_address: str | None, output: str) -> None:
     """Declare the booted slot good now (skips the remaining health checks)."""
     slot = _run(bus_address, lambda c: c.mark_good())
-    if output == "json":
-        _emit_json({"slot": slot, "marked_good": True})
-    else:
-        click.echo(f"slot {slot} marked good")
+    emit(output, {"slot": slot, "marked_good": True}, f"slot {slot} marked good")
 
 
-@main.command("reset")
-@_bus
-@_output
-@_clean_errors
+@_agent_command("reset")
 def reset_cmd(bus_address: str | None, output: str) -> None:
     """ResetStatus: clear an error, or revert an applied update that waits for its reboot."""
 
@@ -183,18 +148,12 @@ def reset_cmd(bus_address: str | None, output: str) -> None:
         return status
 
     status = _run(bus_address, body)
-    if output == "json":
-        _emit_json(_status_doc(status))
-    else:
-        click.echo(f"status: {status[2]}")
+    emit(output, _status_doc(status), f"status: {status[2]}")
 
 
-@main.command("check")
+@_agent_command("check")
 @click.option("--timeout", type=click.FloatRange(min=1), default=3600, show_default=True,
               help="Seconds to wait for the check (and apply) to finish.")
-@_bus
-@_output
-@_clean_errors
 def check_cmd(timeout: float, bus_address: str | None, output: str) -> None:
     """Check for an update now; follow the download and apply with a progress bar."""
     show_bar = output == "text" and sys.stdout.isatty()
@@ -248,7 +207,7 @@ def check_cmd(timeout: float, bus_address: str | None, output: str) -> None:
     except TimeoutError:
         raise TimeoutError(f"the check did not finish within {timeout:g}s") from None
     if output == "json":
-        _emit_json(doc)
+        emit_json(doc)
     elif doc["result"] == "not_started":
         op = doc["status"]["current_operation"]
         if op == "UPDATE_STATUS_UPDATED_NEED_REBOOT":

@@ -2,58 +2,26 @@
 
 from __future__ import annotations
 
-import json
-import sys
-from collections.abc import Callable
-from functools import wraps
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
-from locksmith.log import configure
 from updateagent.cli import main
-from updateagent.errors import UpdateAgentError
+from updateagent.cli._common import emit, fail_cleanly, output_option
 
-F = TypeVar("F", bound=Callable[..., Any])
-
-_output = click.option(
-    "--output", "-o", type=click.Choice(["text", "json"]), default="text", show_default=True,
-    help="Result format.",
-)
-
-
-def _fail_cleanly(fn: F) -> F:
-    """One clear line on stderr and exit status 1 for every error the library raises on purpose."""
-
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except UpdateAgentError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(1)
-        except OSError as exc:
-            click.echo(f"error: {exc.filename or ''}: {exc.strerror or exc}", err=True)
-            sys.exit(1)
-
-    return wrapper  # type: ignore[return-value]
-
-
-def _emit(output: str, doc: dict[str, Any], text: str) -> None:
-    click.echo(json.dumps(doc, indent=2, sort_keys=True) if output == "json" else text)
+# "error:" rather than "updatectl:": the prefix these commands have always printed.
+_fail_cleanly = fail_cleanly("error")
 
 
 @main.group("release")
 def release() -> None:
     """Publish releases to a static channel and check them."""
-    # Log lines go to stderr so that `--output json` leaves stdout parseable.
-    configure("WARNING", stream=sys.stderr)
 
 
 @release.command("keygen")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Directory for the keys.")
 @click.option("--name", default="release", show_default=True, help="Base name of the key files.")
-@_output
+@output_option
 @_fail_cleanly
 def keygen_cmd(out_dir: str, name: str, output: str) -> None:
     """Create an Ed25519 key pair: NAME.key (private, 0600) and NAME.pub (public)."""
@@ -61,7 +29,7 @@ def keygen_cmd(out_dir: str, name: str, output: str) -> None:
 
     kf = keygen(out_dir, name)
     doc = {"private_key": str(kf.private_path), "public_key": str(kf.public_path), "key_id": kf.key_id}
-    _emit(output, doc, f"private key {kf.private_path}\npublic key  {kf.public_path}\nkey id      {kf.key_id}")
+    emit(output, doc, f"private key {kf.private_path}\npublic key  {kf.public_path}\nkey id      {kf.key_id}")
 
 
 @release.command("build")
@@ -73,7 +41,7 @@ def keygen_cmd(out_dir: str, name: str, output: str) -> None:
 @click.option("--level", type=int, default=None, help="Compression level (default: zstd 3, gzip 6).")
 @click.option("--min-version", default=None, help="Refuse nodes older than this version.")
 @click.option("--deadend", default=None, metavar="REASON", help="Mark the release a dead end, with a reason.")
-@_output
+@output_option
 @_fail_cleanly
 def build_cmd(
     image: str,
@@ -99,7 +67,7 @@ def build_cmd(
         "key_id": r.key_id,
     }
     m = r.manifest
-    _emit(output, doc, f"published {m.version} to {r.manifest_path} ({m.size} bytes, {m.compression} "
+    emit(output, doc, f"published {m.version} to {r.manifest_path} ({m.size} bytes, {m.compression} "
                        f"{m.compressed_size} bytes, sha256 {m.sha256}, key {r.key_id})")
 
 
@@ -108,7 +76,7 @@ def build_cmd(
 @click.option("--keys", "keys", multiple=True, required=True, type=click.Path(),
               help="Trusted public key file or directory of *.pub files (repeatable).")
 @click.option("--no-payload", is_flag=True, help="Check the manifest and signature only.")
-@_output
+@output_option
 @_fail_cleanly
 def verify_cmd(source: str, keys: tuple[str, ...], no_payload: bool, output: str) -> None:
     """Verify SOURCE (a channel directory or its http(s) URL): signature, manifest, payload."""
@@ -127,4 +95,4 @@ def verify_cmd(source: str, keys: tuple[str, ...], no_payload: bool, output: str
     text = f"ok: {m.version} signed by {report.release.key_id}"
     if report.payload is not None:
         text += f"; payload {report.payload.bytes_written} bytes, sha256 matches"
-    _emit(output, doc, text)
+    emit(output, doc, text)
