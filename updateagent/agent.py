@@ -277,6 +277,7 @@ class Agent:
         self.next_check: datetime | None = None
         self.failures = 0
         self.errors = 0  # error reports since this agent object started
+        self.downloaded_bytes = 0  # compressed payload bytes received since this agent object started (metrics)
         self._check_requested = False
         self._offer: UpdateOffer | None = None
         self._target: Slot | None = None
@@ -693,8 +694,17 @@ class Agent:
         assert self.slots is not None
         target = self._target
         last = [-1.0]
+        received = [0]
+
+        def count_received(total: int) -> None:
+            # Progress callbacks are queued from the installer's thread and may arrive after it
+            # returned: count only what goes beyond the most seen so far.
+            if total > received[0]:
+                self.downloaded_bytes += total - received[0]
+                received[0] = total
 
         def on_progress(p: Progress) -> None:
+            count_received(p.downloaded)
             fraction = p.bytes / p.total if p.total else 0.0
             if fraction - last[0] >= 0.01 or fraction >= 1.0:
                 last[0] = fraction
@@ -704,6 +714,7 @@ class Agent:
         result = await self.source.install(
             self._offer, InstallTarget(self.slots.disk, target.offset, target.size), on_progress
         )
+        count_received(result.downloaded)
         self.progress = 1.0
         self._transition(Phase.VERIFYING, bytes=result.bytes_written)
 

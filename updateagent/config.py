@@ -7,6 +7,7 @@ raises :class:`ConfigError` naming the file and the key. Nothing else reads conf
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import shlex
@@ -22,6 +23,9 @@ DEFAULT_CONFIG_PATH = Path("/etc/update-agent/config.toml")
 # Flatcar reads /etc first; /etc/coreos is the older CoreOS location.
 UPDATE_CONF_PATHS = (Path("/etc/flatcar/update.conf"), Path("/etc/coreos/update.conf"))
 REBOOT_STRATEGIES = ("reboot", "etcd-lock", "off")
+# Loopback by default: the node's exporter (or a local Prometheus agent) scrapes it; exposing it
+# beyond the host is an explicit choice.
+DEFAULT_METRICS_LISTEN = ("127.0.0.1", 9657)
 
 HealthKind = Literal["command", "unit", "http"]
 HostKind = Literal["system", "emulated"]
@@ -73,6 +77,7 @@ class AgentSettings:
     os_release: Path = Path("/usr/lib/os-release")
     cmdline: Path = Path("/proc/cmdline")
     host_versions: dict[str, str] = field(default_factory=dict)  # slot name/label/partuuid -> version
+    metrics_listen: tuple[str, int] | None = DEFAULT_METRICS_LISTEN  # None: no metrics endpoint
     sources: tuple[str, ...] = field(default=(), compare=False)
 
     @property
@@ -115,6 +120,26 @@ def parse_update_conf(text: str, source: str) -> dict[str, str]:
             raise ConfigError(f"{source}:{lineno}: key {key}: {exc}") from None
         values[key] = " ".join(parts)
     return values
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6-host]:port`` → (host, port). The host is an IP address or
+    ``localhost``; port 0 asks the kernel for a free one. Raises ValueError saying what is wrong."""
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host or value.endswith("]"):
+        raise ValueError(f"expected host:port (e.g. 127.0.0.1:9657), got {value!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"an IPv6 address needs brackets, e.g. [::1]:9657; got {value!r}")
+    if host != "localhost":
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"host must be an IP address or localhost, got {host!r} in {value!r}") from None
+    if not (port_text.isascii() and port_text.isdigit()) or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"port must be a number from 0 to 65535, got {port_text!r} in {value!r}")
+    return host, int(port_text)
 
 
 def read_raw(
@@ -242,11 +267,25 @@ def _health_checks(reader: _Reader) -> tuple[HealthCheckSpec, ...]:
     return tuple(specs)
 
 
+def _metrics_listen(reader: _Reader) -> tuple[str, int] | None:
+    if not reader.boolean("enabled", True):
+        return None
+    value = reader.table.get("listen", "{}:{}".format(*DEFAULT_METRICS_LISTEN))
+    if not isinstance(value, str):
+        raise reader.fail("listen", f"expected a \"host:port\" string (or \"\" to disable), got {value!r}")
+    if not value:
+        return None
+    try:
+        return parse_listen(value)
+    except ValueError as exc:
+        raise reader.fail("listen", str(exc)) from None
+
+
 def validate(raw: RawConfig, *, env: Mapping[str, str] | None = None) -> AgentSettings:
     """Turn raw file contents into settings. Precedence: agent TOML, then update.conf, then defaults."""
     env = os.environ if env is None else env
     top = _Reader(raw.toml, raw.toml_source, "", {"channel", "disk", "state", "check", "health", "dbus", "host",
-                                                   "reboot"})
+                                                   "reboot", "metrics"})
     channel = top.table_at("channel", {"server", "keys", "insecure", "allow_downgrade", "group"})
     disk = top.table_at("disk", {"path"})
     state = top.table_at("state", {"dir"})
@@ -257,6 +296,7 @@ def validate(raw: RawConfig, *, env: Mapping[str, str] | None = None) -> AgentSe
     dbus = top.table_at("dbus", {"address"})
     host = top.table_at("host", {"kind", "boot_record", "machine_id_file", "os_release", "cmdline", "versions"})
     reboot = top.table_at("reboot", {"strategy"})
+    metrics = top.table_at("metrics", {"listen", "enabled"})
 
     uc = raw.update_conf
     uc_source = raw.update_conf_source
@@ -334,6 +374,7 @@ def validate(raw: RawConfig, *, env: Mapping[str, str] | None = None) -> AgentSe
         os_release=host.path("os_release", defaults.os_release) or defaults.os_release,
         cmdline=host.path("cmdline", defaults.cmdline) or defaults.cmdline,
         host_versions=dict(versions),
+        metrics_listen=_metrics_listen(metrics),
         sources=(raw.toml_source, uc_source),
     )
 

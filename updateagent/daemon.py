@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import click
+from prometheus_client import CollectorRegistry
 
 from locksmith.clock import SYSTEM_CLOCK, Clock
 from locksmith.log import configure, get_logger
@@ -29,6 +30,7 @@ from updateagent.cli._common import fail_cleanly
 from updateagent.config import AgentSettings, ConfigError, load_settings
 from updateagent.health import HealthChecker
 from updateagent.host import EmulatedHost, Host, SystemHost
+from updateagent.metrics import AgentMetrics, MetricsError, MetricsServer
 from updateagent.slots import SlotTable
 from updateagent.state import StateStore
 
@@ -84,6 +86,19 @@ def build_agent(
     )
 
 
+def start_metrics_server(settings: AgentSettings, registry: CollectorRegistry) -> MetricsServer | None:
+    """The metrics endpoint, or None when disabled or when it cannot listen: metrics are not worth
+    keeping a node from updating, so that is logged and the daemon carries on."""
+    if settings.metrics_listen is None:
+        return None
+    host, port = settings.metrics_listen
+    try:
+        return MetricsServer(registry, host, port).start()
+    except MetricsError as exc:
+        log.error("metrics_unavailable", error=str(exc))
+        return None
+
+
 async def run_once(settings: AgentSettings) -> int:
     agent = build_agent(settings)
     await agent.start()
@@ -101,9 +116,14 @@ async def serve(settings: AgentSettings, *, use_dbus: bool = True) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     host = build_host(settings)
+    # One endpoint for the daemon's life; each agent (a new one after an emulated reboot, whose
+    # counters start over as a real reboot's would) registers its metrics in the same registry.
+    registry = CollectorRegistry()
+    exporter = start_metrics_server(settings, registry)
     try:
         while not stop.is_set():
             agent = build_agent(settings, host=host)
+            metrics = AgentMetrics(agent, registry)
             await agent.start()
             service = AgentService(agent, settings.bus_address) if use_dbus else None
             if service is not None:
@@ -123,6 +143,7 @@ async def serve(settings: AgentSettings, *, use_dbus: bool = True) -> int:
                 await asyncio.wait_for(runner, 10)
             if service is not None:
                 await service.stop()
+            metrics.close()
             if runner.done() and not runner.cancelled() and runner.exception() is not None:
                 raise runner.exception()  # type: ignore[misc]
             if not stop.is_set():
@@ -130,6 +151,8 @@ async def serve(settings: AgentSettings, *, use_dbus: bool = True) -> int:
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
+        if exporter is not None:
+            await asyncio.to_thread(exporter.stop)
     return 0
 
 
