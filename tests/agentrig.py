@@ -9,7 +9,11 @@ The ``rig`` fixture (one such machine) is in agentfixtures.py.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import select
+import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -136,3 +140,25 @@ class Rig:
     def agent(self, settings: AgentSettings | None = None, **kwargs: Any) -> Agent:
         settings = settings or self.settings(**kwargs)
         return build_agent(settings, host=self.host())
+
+
+def wait_for_log(proc: subprocess.Popen[bytes], path: Path, event: str, *, timeout: float = 30,
+                 **fields: object) -> dict[str, object]:
+    """Block until a daemon writing JSON log lines to ``path`` logs ``event`` with these field
+    values, and return that entry. Fails at once if the daemon exits first."""
+    deadline = time.monotonic() + timeout
+    with path.open() as reader:
+        while time.monotonic() < deadline:
+            line = reader.readline()
+            if not line:
+                if proc.poll() is not None and not reader.readline():
+                    raise AssertionError(f"agent exited before logging {event}:\n{path.read_text()}")
+                select.select([], [], [], 0.05)  # no inotify here: a short wait for more output
+                continue
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if entry.get("event") == event and all(entry.get(k) == v for k, v in fields.items()):
+                return entry
+    raise AssertionError(f"no {event} {fields} in the agent's log within {timeout}s:\n{path.read_text()}")

@@ -3,8 +3,6 @@ on the test rig (real GPT image, real channel server), and the ``[metrics]`` con
 
 from __future__ import annotations
 
-import json
-import select
 import signal
 import socket
 import subprocess
@@ -14,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from agentrig import Rig
+from agentrig import Rig, wait_for_log
 from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
@@ -150,8 +148,8 @@ def test_the_daemon_serves_metrics_and_stops_cleanly(rig: Rig, tmp_path: Path) -
         proc = subprocess.Popen([AGENT, "--config", str(config), "--update-conf", "/nonexistent", "--no-dbus"],
                                 stdout=out, stderr=subprocess.STDOUT)
     try:
-        listening = _wait_for_log(proc, log_path, "metrics_listening")
-        _wait_for_log(proc, log_path, "transition", to=Phase.IDLE.value)
+        listening = wait_for_log(proc, log_path, "metrics_listening")
+        wait_for_log(proc, log_path, "transition", to=Phase.IDLE.value)
         s = scrape(str(listening["url"]))
         assert s.state() == "UPDATE_STATUS_IDLE"
         assert s("update_agent_boot_outcomes_total", outcome="normal") == 1
@@ -162,29 +160,9 @@ def test_the_daemon_serves_metrics_and_stops_cleanly(rig: Rig, tmp_path: Path) -
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    _wait_for_log(proc, log_path, "metrics_stopped")
+    wait_for_log(proc, log_path, "metrics_stopped")
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", int(listening["port"])), timeout=2).close()
-
-
-def _wait_for_log(proc: subprocess.Popen[bytes], path: Path, event: str, timeout: float = 20,
-                  **fields: object) -> dict[str, object]:
-    deadline = time.monotonic() + timeout
-    with path.open() as reader:
-        while time.monotonic() < deadline:
-            line = reader.readline()
-            if not line:
-                if proc.poll() is not None and not reader.readline():
-                    break
-                select.select([], [], [], 0.05)
-                continue
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue
-            if entry.get("event") == event and all(entry.get(k) == v for k, v in fields.items()):
-                return entry
-    raise AssertionError(f"no {event} {fields} in the agent's log:\n{path.read_text()}")
 
 
 # ------------------------------------------------------------------------------- counters

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from agentrig import Rig
+from agentrig import Rig, wait_for_log
 from dbusbus import PrivateBus
 from gptimg import cgpt_attr, gptprio_bits
 
@@ -31,20 +31,7 @@ class Daemon:
 
     def wait_for(self, event: str, **fields: object) -> dict[str, object]:
         """Block until the daemon logs ``event`` (with these field values); return that log entry."""
-        with self.log_path.open() as reader:
-            while True:
-                line = reader.readline()
-                if not line:
-                    if self.proc.poll() is not None:
-                        raise AssertionError(f"agent exited early:\n{self.log_path.read_text()}")
-                    select.select([], [], [], 0.05)
-                    continue
-                try:
-                    entry = json.loads(line)
-                except ValueError:
-                    continue
-                if entry.get("event") == event and all(entry.get(k) == v for k, v in fields.items()):
-                    return entry
+        return wait_for_log(self.proc, self.log_path, event, timeout=60, **fields)
 
     def stop(self) -> int:
         self.proc.terminate()
