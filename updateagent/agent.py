@@ -25,12 +25,13 @@ import contextlib
 import hashlib
 import os
 import random
+import threading
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Protocol, Unpack
+from typing import Any, Protocol, TypeVar, Unpack
 
 from apscheduler.triggers.interval import IntervalTrigger
 
@@ -45,6 +46,7 @@ from updateagent.slots import Slot, SlotTable, slots_from_table
 from updateagent.state import AgentState, PendingUpdate, StateStore
 
 log = get_logger("updateagent.agent")
+_T = TypeVar("_T")
 
 _VERIFY_CHUNK = 1024 * 1024
 
@@ -151,8 +153,8 @@ class ChannelSource:
     async def check(self, current_version: str, deny: Iterable[str], allow_downgrade: bool) -> UpdateOffer:
         from updateagent import channel
 
-        release = await asyncio.to_thread(
-            channel.fetch, self.manifest_url, self.keys, insecure_allow_unsigned=self.insecure
+        release = await _in_daemon_thread(
+            lambda: channel.fetch(self.manifest_url, self.keys, insecure_allow_unsigned=self.insecure)
         )
         offer = channel.check(release, current_version, allow_downgrade=allow_downgrade, deny=list(deny))
         m = offer.manifest
@@ -227,7 +229,8 @@ class Schedule:
 
     def retry_after(self, failures: int) -> float:
         """Exponential backoff after ``failures`` consecutive transient failures (>= 1)."""
-        base = min(self.retry_initial * 2 ** (failures - 1), self.max_backoff)
+        # Cap the exponent: after ~1025 failures 2 ** n no longer fits a float (OverflowError).
+        base = min(self.retry_initial * 2.0 ** min(failures - 1, 64), self.max_backoff)
         return min(base * random.uniform(1 - self.jitter, 1 + self.jitter), self.max_backoff)
 
 
@@ -327,7 +330,7 @@ class Agent:
     async def reset_status(self) -> None:
         """ResetStatus: leave an error report, or revert an applied update that waits for its reboot."""
         if self.phase in (Phase.IDLE, Phase.REPORTING_ERROR_EVENT):
-            self._transition(Phase.IDLE, reason="reset")
+            self._enter_idle(reason="reset")
             return
         if self.phase is Phase.UPDATED_NEED_REBOOT:
             pending = self.state.pending
@@ -337,7 +340,8 @@ class Agent:
                 await asyncio.to_thread(self.slots.mark_bad, pending.slot)  # type: ignore[arg-type]
             self.state = replace(self.state, pending=None, new_version="", new_size=0)
             self._event("update_reverted", version=pending.version if pending else "")
-            self._transition(Phase.IDLE, reason="reset")
+            # After an agent restart no check is scheduled while the reboot waits: schedule one.
+            self._enter_idle(reason="reset")
             return
         raise AgentBusy(f"cannot reset while {self.phase.value}")
 
@@ -612,7 +616,7 @@ class Agent:
         self._event("boot_outcome", outcome="health_check_failed", slot=slot.name, version=version,
                     detail=detail, checks=[asdict(r) for r in report.results], rollback_to=other.name)
         self._transition(Phase.UPDATED_NEED_REBOOT, reason="rollback", version=previous)
-        await self.reboot_strategy.reboot_needed(RebootRequest("rollback", previous, other.name))
+        await self._request_reboot(RebootRequest("rollback", previous, other.name))
 
     async def _rolled_back(self, pending: PendingUpdate, slot: Slot, failed: Slot, version: str, reason: str) -> None:
         """The old slot booted although the new one was expected: never try that version again."""
@@ -743,7 +747,7 @@ class Agent:
         self._offer = self._target = None
         self._reschedule(backoff=False)
         self._transition(Phase.UPDATED_NEED_REBOOT, version=offer.version)
-        await self.reboot_strategy.reboot_needed(RebootRequest("update", offer.version, target.name))
+        await self._request_reboot(RebootRequest("update", offer.version, target.name))
 
     async def _tick_need_reboot(self) -> None:
         """Nothing to do: the reboot strategy (or an operator) reboots the machine."""
@@ -789,14 +793,29 @@ class Agent:
     def _check_due(self) -> bool:
         return self.next_check is not None and self.clock.now() >= self.next_check
 
-    def _enter_idle(self, *, first: bool = False) -> None:
+    def _enter_idle(self, *, first: bool = False, **why: Any) -> None:
         if self.next_check is None:
             now = self.clock.now()
             self.next_check = now if first and self.check_on_start else self.schedule.next_check(now)
         self.progress = 0.0
         if self.state.pending is None:
             self.state = replace(self.state, new_version="", new_size=0)
-        self._transition(Phase.IDLE, next_check=self.next_check.isoformat())
+        self._transition(Phase.IDLE, next_check=self.next_check.isoformat(), **why)
+
+    async def _request_reboot(self, request: RebootRequest) -> None:
+        """Tell the reboot strategy. Its failure (logind refusing, say) must not turn the applied
+        update or the wanted rollback into an error: the agent would leave UPDATED_NEED_REBOOT, and
+        its next check would overwrite the slot waiting to be booted. It stays, reported."""
+        try:
+            await self.reboot_strategy.reboot_needed(request)
+        except Exception as exc:
+            detail = f"reboot for {request.reason} to {request.version} failed: {exc}"
+            log.error("reboot_strategy_failed", hook="reboot_needed", error=str(exc))
+            self.errors += 1
+            self.state = replace(self.state, last_error=detail)
+            self._event("error", phase=self.phase.value, kind=type(exc).__name__, detail=detail)
+            self._persist()
+            self._notify()
 
     async def _settle_boot(self, outcome: str, version: str) -> None:
         try:
@@ -857,6 +876,36 @@ class Agent:
             or self.initial_versions.get(slot.partuuid)
             or ""
         )
+
+
+async def _in_daemon_thread(fn: Callable[[], _T]) -> _T:
+    """``fn()`` in a daemon thread of its own. Unlike ``asyncio.to_thread``, a cancelled call
+    (the daemon stopping) is abandoned: a manifest fetch stuck on a server that never answers
+    would otherwise hold up the process's exit until its read timeout, since the default
+    executor's threads are joined when the event loop closes."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[_T] = loop.create_future()
+
+    def deliver(result: _T | None, exc: BaseException | None) -> None:
+        if future.done():
+            return
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+
+    def work() -> None:
+        try:
+            result = fn()
+        except BaseException as exc:
+            outcome: tuple[_T | None, BaseException | None] = (None, exc)
+        else:
+            outcome = (result, None)
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits any more
+            loop.call_soon_threadsafe(deliver, *outcome)
+
+    threading.Thread(target=work, name="channel-fetch", daemon=True).start()
+    return await future
 
 
 def _tell(listeners: list[Callable[[Any], None]], value: Any, kind: str) -> None:

@@ -36,8 +36,9 @@ MAX_REDIRECTS = 5
 DEFAULT_TIMEOUT = (10.0, 30.0)  # (connect, read) seconds
 USER_AGENT = "coreupdate-agent/0.1"
 
-_VERSION_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+# Used with fullmatch: `$` would also match before a trailing newline ("2.0.0\n").
+_VERSION_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
 
 class NoUpdate(PolicyRefused):
@@ -56,7 +57,7 @@ class Version:
     __slots__ = ("_key", "text")
 
     def __init__(self, text: str) -> None:
-        if not isinstance(text, str) or not _VERSION_RE.match(text):
+        if not isinstance(text, str) or not _VERSION_RE.fullmatch(text):
             raise ValueError(f"{text!r} is not a version (dotted numbers such as 3815.2.0)")
         self.text = text
         parts = [int(p) for p in text.split(".")]
@@ -210,7 +211,7 @@ def parse_manifest(data: bytes, where: str = MANIFEST_NAME) -> Manifest:
     size = _want_int(doc, "size", where)
     compressed_size = _want_int(doc, "compressed_size", where)
     sha256 = _want_str(doc, "sha256", where)
-    if not _SHA256_RE.match(sha256):
+    if not _SHA256_RE.fullmatch(sha256):
         raise _field_error(where, "sha256", "expected 64 lowercase hex digits")
     compression = _want_str(doc, "compression", where)
     if compression not in COMPRESSIONS:

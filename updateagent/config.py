@@ -26,6 +26,9 @@ REBOOT_STRATEGIES = ("reboot", "etcd-lock", "off")
 # Loopback by default: the node's exporter (or a local Prometheus agent) scrapes it; exposing it
 # beyond the host is an explicit choice.
 DEFAULT_METRICS_LISTEN = ("127.0.0.1", 9657)
+# Upper bound of the check schedule's delays (a leap year). Far larger values used to pass and then
+# overflow the agent's date arithmetic at run time, killing the daemon.
+_MAX_DELAY = 366 * 24 * 3600.0
 
 HealthKind = Literal["command", "unit", "http"]
 HostKind = Literal["system", "emulated"]
@@ -208,13 +211,16 @@ class _Reader:
             raise self.fail(key, f"expected true or false, got {value!r}")
         return value
 
-    def number(self, key: str, default: float, *, minimum: float = 0.0, strict: bool = False) -> float:
+    def number(self, key: str, default: float, *, minimum: float = 0.0, strict: bool = False,
+               maximum: float | None = None) -> float:
         value = self.table.get(key, default)
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
             raise self.fail(key, f"expected a number, got {value!r}")
         if value < minimum or (strict and value == minimum):
             relation = ">" if strict else ">="
             raise self.fail(key, f"must be {relation} {minimum:g}, got {value!r}")
+        if maximum is not None and value > maximum:
+            raise self.fail(key, f"must be <= {maximum:g}, got {value!r}")
         return float(value)
 
     def path(self, key: str, default: Path | None = None) -> Path | None:
@@ -251,7 +257,10 @@ def _health_checks(reader: _Reader) -> tuple[HealthCheckSpec, ...]:
         if kind == "command":
             argv = entry["command"]
             if isinstance(argv, str):
-                argv = shlex.split(argv)
+                try:
+                    argv = shlex.split(argv)
+                except ValueError as exc:  # "No closing quotation"
+                    raise item.fail("command", f"{exc}: {argv!r}") from None
             if not isinstance(argv, list) or not argv or not all(isinstance(a, str) and a for a in argv):
                 raise item.fail("command", f"expected a command line or a list of strings, got {argv!r}")
             target = tuple(argv)
@@ -358,10 +367,10 @@ def validate(raw: RawConfig, *, env: Mapping[str, str] | None = None) -> AgentSe
         group=group,
         disk=disk.path("path"),
         state_dir=state.path("dir", defaults.state_dir) or defaults.state_dir,
-        check_interval=check.number("interval_minutes", 45.0, strict=True) * 60.0,
+        check_interval=check.number("interval_minutes", 45.0, strict=True, maximum=_MAX_DELAY / 60) * 60.0,
         check_jitter=jitter,
-        retry_initial=check.number("retry_initial_seconds", 300.0, strict=True),
-        max_backoff=check.number("max_backoff_hours", 4.0, strict=True) * 3600.0,
+        retry_initial=check.number("retry_initial_seconds", 300.0, strict=True, maximum=_MAX_DELAY),
+        max_backoff=check.number("max_backoff_hours", 4.0, strict=True, maximum=_MAX_DELAY / 3600) * 3600.0,
         check_on_start=check.boolean("on_start", True),
         health_checks=_health_checks(health),
         health_deadline=health.number("deadline_seconds", 120.0),

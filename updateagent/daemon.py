@@ -139,7 +139,8 @@ async def serve(settings: AgentSettings, *, use_dbus: bool = True) -> int:
             for task in waits:
                 if task is not runner:
                     task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            # TimeoutError: a tick (a hung fetch) outlived the grace period; wait_for cancelled it.
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
                 await asyncio.wait_for(runner, 10)
             if service is not None:
                 await service.stop()

@@ -58,6 +58,12 @@ async def _run_argv(argv: Sequence[str], limit: float) -> tuple[bool, str]:
         proc.kill()
         await proc.wait()
         return False, f"timed out after {limit:g}s"
+    except asyncio.CancelledError:
+        # MarkGood or the daemon stopping: the check must not outlive its cancellation.
+        if proc.returncode is None:
+            proc.kill()
+        await asyncio.shield(proc.wait())
+        raise
     text = output.decode(errors="replace").strip()[-_OUTPUT_LIMIT:]
     if proc.returncode == 0:
         return True, text or "exit 0"

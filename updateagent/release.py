@@ -78,6 +78,15 @@ def _compress(src: BinaryIO, dst: BinaryIO, compression: str, level: int | None,
     return h.hexdigest()
 
 
+def _check_level(compression: str, level: int | None) -> None:
+    """Refuse a level the compressor would reject with a bare ValueError halfway through."""
+    if level is None or compression == "none":
+        return
+    low, high = (-(1 << 17), zstandard.MAX_COMPRESSION_LEVEL) if compression == "zstd" else (0, 9)
+    if not low <= level <= high:
+        raise ChannelError(f"compression level {level} out of range for {compression} ({low}..{high})")
+
+
 def build_release(
     image: str | os.PathLike[str],
     channel_dir: str | os.PathLike[str],
@@ -104,6 +113,7 @@ def build_release(
         raise ChannelError(str(exc)) from exc
     if deadend is not None and not deadend.strip():
         raise ChannelError("deadend reason must not be empty")
+    _check_level(compression, level)
     private = key if isinstance(key, Ed25519PrivateKey) else load_private_key(key)
     src_path = Path(image)
     try:
@@ -117,12 +127,16 @@ def build_release(
     payload_name = f"payload-{ver}{_SUFFIX[compression]}"
     payload_path = out / payload_name
     tmp = out / f".{payload_name}.tmp"
-    with src_path.open("rb") as fin, tmp.open("wb") as fout:
-        sha = _compress(fin, fout, compression, level, size)
-        fout.flush()
-        os.fsync(fout.fileno())
-    compressed_size = tmp.stat().st_size
-    tmp.replace(payload_path)
+    try:
+        with src_path.open("rb") as fin, tmp.open("wb") as fout:
+            sha = _compress(fin, fout, compression, level, size)
+            fout.flush()
+            os.fsync(fout.fileno())
+        compressed_size = tmp.stat().st_size
+        tmp.replace(payload_path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # no half-written payload left in the channel directory
+        raise
     manifest = Manifest(
         version=ver,
         payload=payload_name,

@@ -98,6 +98,11 @@ class AgentState:
             raise StateError(f"{source}: unsupported format_version {version!r} (expected {FORMAT_VERSION})")
         try:
             pending = data.get("pending")
+            if pending is not None:
+                _strings(pending, ("version", "slot", "label", "partuuid", "previous_version", "kind"),
+                         f"{source}: key 'pending'")
+            for entry in _list(data, "deny_list", source):
+                _strings(entry, ("version", "reason"), f"{source}: key 'deny_list'")
             return cls(
                 status=_str(data, "status", source),
                 current_version=_str(data, "current_version", source),
@@ -114,8 +119,25 @@ class AgentState:
                 last_error=_str(data, "last_error", source),
                 slot_versions={str(k): str(v) for k, v in dict(data.get("slot_versions", {})).items()},
             )
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError) as exc:  # OverflowError: int(1e999)
             raise StateError(f"{source}: malformed state: {exc}") from None
+
+
+def _list(data: dict[str, Any], key: str, source: str) -> list[Any]:
+    value = data.get(key, [])
+    if not isinstance(value, list):
+        raise StateError(f"{source}: key {key!r}: expected a list, got {value!r}")
+    return value
+
+
+def _strings(entry: Any, keys: tuple[str, ...], where: str) -> None:
+    # A deny entry or pending update whose version is not a string would make every later check
+    # refuse (channel.check cannot parse it): refuse the file instead, so it is moved aside.
+    if not isinstance(entry, dict):
+        raise StateError(f"{where}: expected an object, got {entry!r}")
+    for key in keys:
+        if key in entry and not isinstance(entry[key], str):
+            raise StateError(f"{where}: field {key!r}: expected a string, got {entry[key]!r}")
 
 
 def _str(data: dict[str, Any], key: str, source: str) -> str:

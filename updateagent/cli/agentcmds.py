@@ -119,7 +119,7 @@ def slots_cmd(bus_address: str | None, output: str) -> None:
 
 
 @_agent_command("history")
-@click.option("--limit", "-n", type=click.IntRange(min=0), default=20, show_default=True,
+@click.option("--limit", "-n", type=click.IntRange(min=0, max=2**32 - 1), default=20, show_default=True,
               help="How many of the latest events (0: all).")
 def history_cmd(limit: int, bus_address: str | None, output: str) -> None:
     """The agent's recent events (boots, checks, applies, rollbacks, errors)."""
