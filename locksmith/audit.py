@@ -79,12 +79,15 @@ def parse_entry(group: str, key: str, raw: bytes, revision: int = 0) -> AuditEnt
             raise ValueError("not a JSON object")
         if d.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"format_version {d.get('format_version')!r}, expected {FORMAT_VERSION}")
+        at = datetime.fromisoformat(d["at"])
+        if at.tzinfo is None:  # could be neither compared with --since nor sorted with the others
+            raise ValueError(f"'at' has no time zone: {d['at']!r}")
         return AuditEntry(
-            key=key, group=group, at=datetime.fromisoformat(d["at"]), actor=str(d["by"]),
+            key=key, group=group, at=at, actor=str(d["by"]),
             action=str(d["action"]), subject=str(d.get("subject", "")), reason=str(d.get("reason", "")),
             detail=dict(d.get("detail") or {}), revision=revision,
         )
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise CorruptValueError(key, str(exc)) from exc
 
 

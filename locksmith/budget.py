@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 from locksmith import audit
 from locksmith.errors import CorruptValueError, InvalidArgumentError
-from locksmith.etcd import Etcd, Put, absent
+from locksmith.etcd import Compare, Etcd, Get, Put, Target, absent
 from locksmith.keys import DEFAULT_PREFIX, FORMAT_VERSION, Layout, check_id
 from locksmith.log import get_logger
 from locksmith.policy import Policy
@@ -95,9 +95,13 @@ async def report_failure(
     res = await etcd.txn([absent(key)], [
         Put(key, value),
         audit.entry_op(layout, "failure", host_id, detail, by=who, now=now, detail={"kind": kind}),
-    ])
+    ], [Get(key)])
     if res.succeeded:
         await audit.wrote(etcd, layout)
+        created = res.revision
+    else:
+        existing = res.results[0] if res.results else []
+        created = existing[0].create_revision if existing else 0
     count = await etcd.count_prefix(layout.failures)
 
     if policy is None:
@@ -113,7 +117,11 @@ async def report_failure(
 
     why = (f"failure budget spent: {count} failed host(s), budget {budget} "
            f"(last: {host_id} {kind}{': ' + detail if detail else ''})")
-    paused = await etcd.txn([absent(layout.pause)], [
+    # The count is a read that may be stale by the time the pause is sent: if a resume or a
+    # reset-failures cleared the failures meanwhile (our own key with them), the operator has dealt
+    # with what we counted, and pausing now would undo their resume. Our key still being the one we
+    # wrote proves no clear happened since.
+    paused = await etcd.txn([absent(layout.pause), Compare(key, Target.CREATE, "==", created)], [
         Put(layout.pause, encode_pause(why, who, "failure-budget", now)),
         audit.entry_op(layout, "pause", "failure-budget", why, by=who, now=now,
                        detail={"source": "failure-budget", "failures": count, "budget": budget,
@@ -144,9 +152,11 @@ async def list_failures(etcd: Etcd, group: str, *, prefix: str = DEFAULT_PREFIX)
             if not isinstance(d, dict):
                 raise ValueError("not a JSON object")
             at = datetime.fromisoformat(d["at"]) if d.get("at") else None
+            if at is not None and at.tzinfo is None:  # would break the sort against aware times
+                raise ValueError(f"'at' has no time zone: {d['at']!r}")
             out.append(Failure(kv.key, str(d.get("host", host)), str(d.get("kind", kind)),
                                str(d.get("detail", "")), at, str(d.get("by", ""))))
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
             out.append(Failure(kv.key, host, kind, f"(invalid value: {exc})", None, ""))
     out.sort(key=lambda f: f.at or datetime.min.replace(tzinfo=UTC))
     return out

@@ -245,7 +245,7 @@ def policy_from_json(data: Mapping[str, Any] | bytes | str, *, key: str) -> Poli
     if isinstance(data, bytes | str):
         try:
             data = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise CorruptPolicyError(key, [Problem("", f"not JSON: {exc}")]) from None
     return _build(data, locate=lambda _path: None, source=key, group=None, error=lambda ps: CorruptPolicyError(key, ps))
 

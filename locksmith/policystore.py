@@ -190,7 +190,7 @@ def parse_pause(kv: KeyValue) -> PauseState:
             raise ValueError(f"source {source!r} is not one of {', '.join(_SOURCES)}")
         return PauseState(str(d.get("reason", "")), str(d.get("by", "")), at, source,
                           kv.mod_revision, kv.version)
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise CorruptValueError(kv.key, str(exc)) from exc
 
 

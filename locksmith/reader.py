@@ -147,10 +147,16 @@ class PolicyReader:
                 await self._snapshot(kvs, rev)
                 delay = self._retry_delay
                 async for batch in self.etcd.watch_prefix(self._watch_prefix, start_revision=rev + 1):
+                    if not batch.events:
+                        continue
                     changed = False
                     for ev in batch.events:
                         changed |= self._apply(ev.kv.key, None if ev.kind == "delete" else ev.kv)
-                    await self._publish(changed, batch.revision)
+                    # The last applied event's revision, not the header's: etcd sets the header
+                    # (of the watch-created response, and of catch-up batches) to the current
+                    # revision before it has sent the events up to it, so the header would let
+                    # wait_revision() return before the write it waits for is applied.
+                    await self._publish(changed, batch.events[-1].kv.mod_revision)
             except asyncio.CancelledError:
                 raise
             except WatchCompactedError as exc:

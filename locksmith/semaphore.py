@@ -100,7 +100,7 @@ class SemaphoreState:
 def _load(key: str, raw: bytes) -> dict[str, Any]:
     try:
         d = json.loads(raw)
-    except ValueError as exc:  # includes UnicodeDecodeError
+    except (ValueError, RecursionError) as exc:  # ValueError includes UnicodeDecodeError
         raise CorruptValueError(key, f"not JSON ({exc})") from exc
     if not isinstance(d, dict):
         raise CorruptValueError(key, f"expected a JSON object, found a JSON {type(d).__name__}")
@@ -464,13 +464,14 @@ class Semaphore:
         self._pruner = audit.Pruner()
         self._background: set[asyncio.Task[None]] = set()
         self._closed = False
+        self._closing = asyncio.Event()
 
     # -- public API ---------------------------------------------------------------------------------
 
     async def lock(self, holder_id: str, *, reason: str = "", hold_for: timedelta | None = None) -> Holder:
         """Wait for a slot (FIFO) and take it. A holder locking again gets its slot back, unwritten."""
         check_id(holder_id)
-        hold = _hold(hold_for)
+        hold = _hold(hold_for, self.clock.now())
         mirror = await self._ensure_mirror()
         mirror.current()
         held = await self._read_holder(holder_id)
@@ -526,7 +527,7 @@ class Semaphore:
     async def try_lock(self, holder_id: str, *, reason: str = "", hold_for: timedelta | None = None) -> Holder:
         """Take a slot now or raise SlotUnavailableError; never waits and never jumps the queue."""
         check_id(holder_id)
-        hold = _hold(hold_for)
+        hold = _hold(hold_for, self.clock.now())
         for _ in range(_TRY_ATTEMPTS):
             view = await _read(self.etcd, self.layout)
             view.check()
@@ -593,6 +594,7 @@ class Semaphore:
         """Stop the mirror, leave every queue this object joined (revoking its lease) and finish
         background clean-ups. Pending lock() calls raise LocksmithError."""
         self._closed = True
+        self._closing.set()
         if self._mirror is not None:
             await self._mirror.close()
         while self._background:
@@ -616,16 +618,25 @@ class Semaphore:
             if self._mirror is None:
                 mirror = _Mirror(self.etcd, self.layout)
                 await mirror.start()
+                if self._closed:  # close() ran during the first read: it could not stop this mirror
+                    await mirror.close()
+                    raise LocksmithError(f"semaphore for group {self.group!r} was closed")
                 self._mirror = mirror
             return self._mirror
 
     async def _ensure_lease(self, *, replace: Lease | None = None) -> Lease:
         async with self._lease_lock:
+            if self._closed:
+                raise LocksmithError(f"semaphore for group {self.group!r} was closed")
             lease = self._lease
             if lease is None or lease.lost.is_set() or lease is replace:
                 if lease is not None:
                     self._spawn(lease.revoke(), "lease-revoke")
-                self._lease = lease = await Lease.grant(self.etcd, self.lease_ttl)
+                lease = await Lease.grant(self.etcd, self.lease_ttl)
+                if self._closed:  # close() ran during the grant and could not revoke this lease
+                    await lease.revoke()
+                    raise LocksmithError(f"semaphore for group {self.group!r} was closed")
+                self._lease = lease
             return lease
 
     async def _read_holder(self, holder_id: str) -> Holder | None:
@@ -655,6 +666,25 @@ class Semaphore:
             return await self.etcd.put(self.layout.waiter(holder_id), value, lease=lease.id)
 
     async def _dequeue(self, holder_id: str) -> None:
+        # Retried until done: a queue key left behind is on a lease this process keeps alive, so it
+        # would hold its place at the head of the line for as long as the process lives. close()
+        # ends the retries (its lease revoke removes the key).
+        delay = 0.1
+        while True:
+            try:
+                await self._dequeue_once(holder_id)
+                return
+            except EtcdError as exc:
+                if self._closed:
+                    return
+                _log.warning("semaphore_dequeue_retry", group=self.group, id=holder_id, error=str(exc),
+                             retry_in=delay)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._closing.wait()
+            delay = min(delay * 2, 5.0)
+
+    async def _dequeue_once(self, holder_id: str) -> None:
         lease = self._lease
         if lease is None:
             return
@@ -723,9 +753,13 @@ class Semaphore:
         task.add_done_callback(self._background.discard)
 
 
-def _hold(hold_for: timedelta | None) -> timedelta:
+def _hold(hold_for: timedelta | None, now: datetime) -> timedelta:
     if hold_for is None:
         return DEFAULT_HOLD
     if hold_for <= timedelta(0):
         raise InvalidArgumentError(f"hold_for must be positive, got {hold_for}")
+    try:
+        now + hold_for  # the deadline is computed at grant time: fail here, before anything is written
+    except OverflowError:
+        raise InvalidArgumentError(f"hold_for {hold_for} puts the deadline past year 9999") from None
     return hold_for

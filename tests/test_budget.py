@@ -124,3 +124,48 @@ async def test_unreadable_policy_records_but_defers_the_decision(etcd: Etcd, pre
     await apply_policy(etcd, parse_policy_text('format_version = 1\ngroup = "web"\nfailure_budget = 1\n'),
                        prefix=prefix)
     assert (await report_failure(etcd, "web", "h2", "unhealthy", prefix=prefix)).paused
+
+
+class _ResumeAfterCount(Etcd):
+    """Runs an operator's ``resume`` right after a reporter has counted the failures, before it
+    sends its automatic-pause transaction: the interleaving of two real clients, made certain."""
+
+    group = "web"
+    prefix = ""
+    fired = False
+
+    async def count_prefix(self, prefix: str) -> int:
+        n = await super().count_prefix(prefix)
+        if prefix.endswith("/failures/") and not self.fired:
+            self.fired = True
+            assert await resume(self, self.group, prefix=self.prefix)
+        return n
+
+
+async def test_resume_between_count_and_auto_pause_is_not_undone(etcd_config: EtcdConfig, etcd: Etcd,
+                                                                 prefix: str) -> None:
+    await _policy(etcd, prefix, "web", 0)
+    assert (await report_failure(etcd, "web", "h1", "unhealthy", prefix=prefix)).paused
+    racer = await _ResumeAfterCount.connect(etcd_config)
+    racer.prefix = prefix
+    try:
+        # h2 counts 2 failures while the group is paused; the operator then resumes, clearing both.
+        # h2's stale count must not pause the group again: the failures it saw are dealt with.
+        r = await report_failure(racer, "web", "h2", "unhealthy", prefix=prefix)
+    finally:
+        await racer.close()
+    assert racer.fired and r.recorded and not r.paused
+    assert await read_pause(etcd, "web", prefix=prefix) is None
+    assert await count_failures(etcd, "web", prefix=prefix) == 0
+    assert len(_auto_pauses(await audit.read(etcd, Layout("web", prefix)))) == 1
+    # A failure reported after the resume still pauses at once (budget 0).
+    assert (await report_failure(etcd, "web", "h3", "unhealthy", prefix=prefix)).paused
+
+
+async def test_list_failures_reports_a_value_without_time_zone(etcd: Etcd, prefix: str) -> None:
+    layout = Layout("web", prefix)
+    await report_failure(etcd, "web", "h1", "unhealthy", "disk", prefix=prefix)
+    await etcd.put(layout.failures + "h2/overdue/x", b'{"format_version": 1, "at": "2026-01-01T00:00:00"}')
+    failures = {f.host: f for f in await list_failures(etcd, "web", prefix=prefix)}
+    assert failures["h1"].detail == "disk"
+    assert "invalid value" in failures["h2"].detail and "time zone" in failures["h2"].detail

@@ -174,3 +174,51 @@ async def test_reader_rereads_after_compaction(etcd_config: EtcdConfig, prefix: 
                 await reader.stop()
     finally:
         await client.close()
+
+
+class _WriteAfterRead(Etcd):
+    """A real connection that, right after the reader's first range read, writes a new policy
+    (another client's write landing between the read at R and the watch from R + 1)."""
+
+    armed = True
+    layout: Layout
+    written = 0
+
+    async def get_prefix(self, prefix: str, *, revision: int = 0) -> tuple[list[KeyValue], int]:
+        kvs, rev = await super().get_prefix(prefix, revision=revision)
+        if self.armed:
+            self.armed = False
+            self.written = await self.put(self.layout.policy, _policy(4).to_json_bytes())
+        return kvs, rev
+
+
+async def test_wait_revision_returns_only_once_the_write_is_applied(etcd_config: EtcdConfig, prefix: str) -> None:
+    # etcd answers the watch creation with a header at the current revision before it has sent
+    # the events between the start revision and now: that header must not count as caught up.
+    client = await _WriteAfterRead.connect(etcd_config)
+    try:
+        assert isinstance(client, _WriteAfterRead)
+        client.layout = Layout("web", prefix)
+        await apply_policy(client, _policy(3), prefix=prefix)
+        async with PolicyReader(client, "web", prefix=prefix) as reader:
+            assert client.written
+            async with asyncio.timeout(2):
+                await reader.wait_revision(client.written)
+            assert reader.policy.slots == 4 and reader.policy_revision == client.written
+    finally:
+        await client.close()
+
+
+async def test_too_deeply_nested_values_are_reported_not_fatal(etcd: Etcd, prefix: str) -> None:
+    layout = Layout("web", prefix)
+    await etcd.put(layout.policy, b"[" * 100_000)  # json raises RecursionError for this
+    await etcd.put(layout.pause, b"{" * 100_000)
+    reader = PolicyReader(etcd, "web", prefix=prefix)
+    reader.start()
+    try:
+        async with asyncio.timeout(5):  # before the fix the reader retried for ever, never ready
+            await reader.wait_ready()
+        assert reader.policy.slots == 1 and reader.error is not None and layout.policy in reader.error
+        assert reader.paused and reader.pause_error is not None
+    finally:
+        await reader.stop()

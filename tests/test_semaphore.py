@@ -12,11 +12,19 @@ import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from locksmith.embedded import EmbeddedEtcd
-from locksmith.errors import CorruptValueError, EtcdError, InvalidArgumentError, LocksmithError, SlotUnavailableError
+from locksmith.errors import (
+    CorruptValueError,
+    EtcdError,
+    EtcdUnavailableError,
+    InvalidArgumentError,
+    LocksmithError,
+    SlotUnavailableError,
+)
 from locksmith.etcd import Etcd, EtcdConfig, Event
 from locksmith.keys import Layout
 from locksmith.semaphore import Holder, Semaphore, _Mirror, list_groups, read_state
@@ -124,6 +132,10 @@ async def test_invalid_arguments(sem: Semaphore) -> None:
         await sem.set_max(0)
     with pytest.raises(InvalidArgumentError):
         await sem.try_lock("a", hold_for=timedelta(0))
+    for take in (sem.lock, sem.try_lock):
+        with pytest.raises(InvalidArgumentError, match="hold_for"):
+            await take("a", hold_for=timedelta(days=3_000_000))
+    assert (await sem.state()).holders == []
 
 
 async def test_waiters_are_served_in_order(etcd: Etcd, sem: Semaphore) -> None:
@@ -301,6 +313,7 @@ async def test_holder_slot_survives_its_process(
 
 BAD_VALUES = {
     "not-json": b"{nope",
+    "too-deep": b"[" * 100_000,  # json raises RecursionError, not ValueError, for this
     "json-list": b"[1, 2]",
     "wrong-version": json.dumps({"format_version": 2, "id": "x", "since": "2024-01-01T00:00:00+00:00",
                                  "slots": 1}).encode(),
@@ -448,3 +461,88 @@ async def test_mirror_resyncs_after_compaction() -> None:
             await sem.close()
         finally:
             await etcd.close()
+
+
+class _DequeueBlip(Etcd):
+    """A real connection on which the first read of a queue key (the cancelled waiter's clean-up)
+    fails as it would during an etcd leader election or a network blip."""
+
+    failed = 0
+
+    async def get_prefix(self, prefix: str, *, revision: int = 0) -> tuple[list[Any], int]:
+        if "/queue/" in prefix and not self.failed:
+            self.failed += 1
+            raise EtcdUnavailableError("etcd unreachable at test: injected blip")
+        return await super().get_prefix(prefix, revision=revision)
+
+
+async def test_cancelled_lock_leaves_the_queue_despite_an_etcd_blip(
+    etcd_config: EtcdConfig, etcd: Etcd, sem: Semaphore, layout: Layout,
+) -> None:
+    # A queue key left behind is on a lease this (live) process keeps alive: it would sit at the
+    # head of the line for ever and, with max 1, nobody else would ever be granted.
+    await sem.lock("a")
+    flaky = await _DequeueBlip.connect(etcd_config)
+    waiting = Semaphore(flaky, "g", prefix=layout.prefix, lease_ttl=60)
+    try:
+        rev = await etcd.revision()
+        task = await queued(etcd, waiting, "w", rev)
+        task.cancel()
+        await wait_event(etcd, layout.queue, rev + 1, delete_of(layout.waiter("w")), within=5)
+        assert isinstance(flaky, _DequeueBlip) and flaky.failed == 1
+    finally:
+        await waiting.close()
+        await flaky.close()
+
+
+class _Gated(Etcd):
+    """A real connection whose chosen RPC waits at a gate once, so that close() can run while a
+    first lock() is inside it (a slow etcd, made certain)."""
+
+    gate_on = ""
+    entered: asyncio.Event
+    gate: asyncio.Event
+
+    async def _wait_gate(self, what: str) -> None:
+        if self.gate_on == what:
+            self.gate_on = ""
+            self.entered.set()
+            await self.gate.wait()
+
+    async def get_prefix(self, prefix: str, *, revision: int = 0) -> tuple[list[Any], int]:
+        if prefix.endswith("/groups/g/"):
+            await self._wait_gate("mirror-read")
+        return await super().get_prefix(prefix, revision=revision)
+
+    async def lease_grant(self, ttl: int) -> int:
+        lease_id = await super().lease_grant(ttl)
+        await self._wait_gate("lease-grant")
+        return lease_id
+
+
+@pytest.mark.parametrize("gate_on", ["mirror-read", "lease-grant"])
+async def test_close_during_a_first_lock_leaks_nothing(
+    etcd_config: EtcdConfig, etcd: Etcd, sem: Semaphore, layout: Layout, gate_on: str,
+) -> None:
+    await sem.lock("a")
+    slow = await _Gated.connect(etcd_config)
+    assert isinstance(slow, _Gated)
+    slow.gate_on, slow.entered, slow.gate = gate_on, asyncio.Event(), asyncio.Event()
+    waiting = Semaphore(slow, "g", prefix=layout.prefix, lease_ttl=60)
+    before = asyncio.all_tasks()
+    try:
+        task = asyncio.create_task(waiting.lock("w"))
+        async with asyncio.timeout(5):
+            await slow.entered.wait()
+        await waiting.close()
+        slow.gate.set()
+        with pytest.raises(LocksmithError, match="closed"):
+            await asyncio.wait_for(task, 5)
+        # Nothing of the closed object lives on: no mirror watch, no lease kept alive.
+        leftovers = [t.get_name() for t in asyncio.all_tasks() - before
+                     if t.get_name().startswith(("lease-", "semaphore-mirror-")) and not t.done()]
+        assert leftovers == []
+        assert (await sem.state()).queue == []
+    finally:
+        await waiting.close()
+        await slow.close()

@@ -273,16 +273,22 @@ def parse_since(text: str, *, now: datetime | None = None) -> datetime:
     m = _DUR_RE.match(text)
     if m:
         secs = sum(float(n) * _UNIT[u.lower()] for n, u in _PART_RE.findall(m.group(1)))
-        return now - timedelta(seconds=secs)
+        try:
+            return now - timedelta(seconds=secs)
+        except OverflowError:
+            raise InvalidArgumentError(f"--since {text!r} reaches back before year 1") from None
     try:
         t = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:
         raise InvalidArgumentError(
             f"--since {text!r} is neither an ISO time (2026-11-27T03:00) nor a duration (2h, 30m ago)"
         ) from None
-    if t.tzinfo is None:
-        t = t.astimezone()  # naive: this machine's local time
-    return t.astimezone(UTC)
+    try:
+        if t.tzinfo is None:
+            t = t.astimezone()  # naive: this machine's local time
+        return t.astimezone(UTC)
+    except (OverflowError, ValueError):
+        raise InvalidArgumentError(f"--since {text!r} is out of the range of representable UTC times") from None
 
 
 async def read_log(etcd: Etcd, prefix: str, group: str | None, since: datetime | None) -> list[audit.AuditEntry]:
