@@ -42,13 +42,17 @@ from updateagent.errors import PayloadError, PolicyRefused, UpdateAgentError
 from updateagent.health import HealthChecker, HealthReport
 from updateagent.host import BootInfo, Host
 from updateagent.install import HttpOptions, InstallResult, InstallTarget, Progress
-from updateagent.slots import Slot, SlotTable, slots_from_table
+from updateagent.slots import Slot, SlotRefused, SlotTable, slots_from_table
 from updateagent.state import AgentState, PendingUpdate, StateStore
 
 log = get_logger("updateagent.agent")
 _T = TypeVar("_T")
 
 _VERIFY_CHUNK = 1024 * 1024
+# After-boot verification that failed unexpectedly (an I/O error marking the slot, say) is retried
+# from this delay, doubling, up to the cap: until it completes, the booted slot stays unconfirmed.
+VERIFY_RETRY_INITIAL = 5.0
+VERIFY_RETRY_MAX = 300.0
 
 
 class Phase(StrEnum):
@@ -290,6 +294,8 @@ class Agent:
         self._health_task: asyncio.Task[HealthReport] | None = None
         self._manual_good = False
         self._stopping = False
+        self._verify_failures = 0
+        self._verify_retry_at: datetime | None = None
         self._handlers: dict[Phase, Callable[[], Awaitable[None]]] = {
             Phase.STARTING: self._tick_starting,
             Phase.BOOT_HEALTH_CHECK: self._tick_boot_health_check,
@@ -319,8 +325,9 @@ class Agent:
                               self.phase)
 
     def request_check(self) -> bool:
-        """AttemptUpdate: check now. Ignored (False) while an update is applied or waits for a reboot."""
-        if self.phase not in (Phase.IDLE, Phase.STARTING, Phase.BOOT_HEALTH_CHECK, Phase.REPORTING_ERROR_EVENT):
+        """AttemptUpdate: check now. Ignored (False) while an update is applied or waits for a reboot,
+        and while the booted slot is being verified (no check may start before it is confirmed)."""
+        if self.phase not in (Phase.IDLE, Phase.STARTING, Phase.REPORTING_ERROR_EVENT):
             log.info("check_request_ignored", phase=self.phase.value)
             return False
         self._check_requested = True
@@ -431,6 +438,8 @@ class Agent:
 
     def settled(self) -> bool:
         """True when the agent waits for time or a request (nothing to do right now)."""
+        if self.phase is Phase.BOOT_HEALTH_CHECK:
+            return self._verify_waiting()
         if self.phase not in _WAITING:
             return False
         if self.phase is Phase.IDLE and (self._check_requested or self._check_due()):
@@ -463,6 +472,8 @@ class Agent:
         delay: float | None = None
         if self.phase is Phase.IDLE and self.next_check is not None:
             delay = max((self.next_check - self.clock.now()).total_seconds(), 0.0)
+        elif self.phase is Phase.BOOT_HEALTH_CHECK and self._verify_retry_at is not None:
+            delay = max((self._verify_retry_at - self.clock.now()).total_seconds(), 0.0)
         waiter = asyncio.ensure_future(self._wake.wait())
         tasks: set[asyncio.Future[Any]] = {waiter}
         if delay is not None:
@@ -495,7 +506,7 @@ class Agent:
         self.state = state
 
         if boot.boot_id == saved.boot_id:
-            await self._resume_same_boot(saved)
+            await self._resume_same_boot(saved, slots)
             return
 
         self.state = replace(self.state, boot_id=boot.boot_id)
@@ -508,12 +519,18 @@ class Agent:
                                        f"{self.slots.disk if self.slots else 'the (unconfigured) disk'}"),
                        Phase.STARTING)
             return
-        if pending is not None and pending.kind == "update":
-            if pending.partuuid == boot.partuuid:
-                self._transition(Phase.BOOT_HEALTH_CHECK, version=pending.version, slot=slot.name)
-            else:
-                failed = next(s for s in slots if s is not slot)
+        if pending is not None and pending.kind == "update" and pending.partuuid != boot.partuuid:
+            failed = next(s for s in slots if s is not slot)
+            if pending.marked or failed.priority > 0:
                 await self._rolled_back(pending, slot, failed, version, reason="new slot did not boot")
+                return
+            # Killed before the GPT mark: the bootloader was never offered the new slot.
+            self._discard_unmarked(pending)
+            pending = None
+        if pending is not None and pending.kind == "update":
+            # It booted, so it was marked (a restart during the checks must not take it for unmarked).
+            self.state = replace(self.state, pending=replace(pending, marked=True))
+            self._transition(Phase.BOOT_HEALTH_CHECK, version=pending.version, slot=slot.name)
             return
         if pending is not None and pending.kind == "rollback":
             await self._rollback_completed(pending, slot, version)
@@ -540,13 +557,32 @@ class Agent:
                     primary_problem=table.primary_problem, backup_problem=table.backup_problem)
         return repaired
 
-    async def _resume_same_boot(self, saved: AgentState) -> None:
+    async def _resume_same_boot(self, saved: AgentState, slots: Iterable[Slot]) -> None:
         """The agent restarted but the machine did not: pick up where the saved status says."""
         status = saved.status
+        pending = saved.pending
         log.info("agent_restarted_same_boot", saved_status=status)
-        if status == Phase.UPDATED_NEED_REBOOT.value and saved.pending is not None:
-            self.state = replace(self.state, new_version=saved.new_version or saved.pending.version)
+        if pending is not None and not pending.marked:
+            # Killed between saving the pending update and saving that its slot was marked: the
+            # GPT tells which. The image was verified before the record was saved.
+            target = _by_partuuid(slots, pending.partuuid)
+            if target is not None and target.priority > 0 and target.tries > 0 and not target.successful:
+                self.state = replace(self.state, pending=replace(pending, marked=True),
+                                     new_version=pending.version, new_size=pending.size)
+                self._event("update_applied", version=pending.version, slot=pending.slot,
+                            partuuid=pending.partuuid, resumed=True)
+                status = Phase.UPDATED_NEED_REBOOT.value
+                pending = self.state.pending
+            else:
+                self._discard_unmarked(pending)
+                self._enter_idle(first=True)
+                return
+        if status == Phase.UPDATED_NEED_REBOOT.value and pending is not None:
+            self.state = replace(self.state, new_version=self.state.new_version or pending.version)
             self._transition(Phase.UPDATED_NEED_REBOOT, resumed=True)
+            # The previous agent may have died before its request took effect (or the strategy
+            # reboots at once): ask again. Strategies treat a repeated request as the same one.
+            await self._request_reboot(RebootRequest(pending.kind, pending.version, pending.slot))
             return
         if status == Phase.BOOT_HEALTH_CHECK.value:
             self._transition(Phase.BOOT_HEALTH_CHECK, resumed=True)
@@ -557,7 +593,44 @@ class Agent:
             self.state = replace(self.state, new_version="", new_size=0)
         self._enter_idle(first=True)
 
+    def _verify_waiting(self) -> bool:
+        """In BOOT_HEALTH_CHECK: a failed verification waits for its retry time (or MarkGood)."""
+        return (self._verify_retry_at is not None and not self._manual_good
+                and self.clock.now() < self._verify_retry_at)
+
     async def _tick_boot_health_check(self) -> None:
+        """Verify the booted slot. An unexpected failure (an I/O error marking the slot, say) is
+        retried with backoff rather than sent to IDLE: the slot would never be marked good, the
+        next reboot would roll back, and checks would run on an unconfirmed slot meanwhile."""
+        if self._verify_waiting():
+            return
+        self._verify_retry_at = None
+        try:
+            await self._verify_boot()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._verify_failed(exc)
+            return
+        self._verify_failures = 0
+
+    def _verify_failed(self, exc: Exception) -> None:
+        detail = str(exc) or type(exc).__name__
+        self._verify_failures += 1
+        delay = min(VERIFY_RETRY_INITIAL * 2.0 ** min(self._verify_failures - 1, 32), VERIFY_RETRY_MAX)
+        self._verify_retry_at = self.clock.now() + timedelta(seconds=delay)
+        self.errors += 1
+        if not isinstance(exc, UpdateAgentError):
+            log.exception("unexpected_error", phase=self.phase.value, error=detail)
+        log.warning("boot_verification_retry", failures=self._verify_failures, retry_in=delay, error=detail)
+        self.state = replace(self.state, last_error=f"verifying the booted slot failed: {detail} "
+                                                    f"(retrying in {delay:g}s)")
+        self._event("error", phase=self.phase.value, kind=type(exc).__name__, detail=detail,
+                    retry_in=delay)
+        self._persist()
+        self._notify()
+
+    async def _verify_boot(self) -> None:
         slot, other = self._booted_slot()
         pending = self.state.pending
         version = pending.version if pending is not None and pending.kind == "update" else self.state.booted_version
@@ -575,10 +648,10 @@ class Agent:
             await self._health_failed(slot, other, version, report)
             return
         how = "manual" if self._manual_good else ("health_checks" if report is not None else "already_good")
-        self._manual_good = False
         if not slot.successful:
             assert self.slots is not None
             await asyncio.to_thread(self.slots.mark_good, slot.name)
+        self._manual_good = False  # only now: a retry after a failed mark must still honour MarkGood
         self.state = replace(
             self.state, current_version=version, booted_version=version, pending=None, new_version="",
             new_size=0, last_boot_outcome="success", last_error="",
@@ -595,23 +668,26 @@ class Agent:
         now = self._now()
         previous = self._version_of(other)
         detail = report.summary()
-        self.state = self.state.deny(version, f"health check failed: {detail}", now)
         try:
             await asyncio.to_thread(self.slots.mark_bad, slot.name)
-        except UpdateAgentError as exc:
+        except SlotRefused as exc:
             # The other slot is not bootable either: stay on this one rather than brick the machine.
+            self._deny(version, f"health check failed: {detail}", now)
             self.state = replace(self.state, last_boot_outcome="health_check_failed",
                                  last_error=f"health check failed ({detail}); cannot roll back: {exc}")
             self._event("boot_outcome", outcome="health_check_failed", slot=slot.name, version=version,
                         detail=detail, rollback="impossible", error=str(exc))
             self._transition(Phase.REPORTING_ERROR_EVENT, error=str(exc))
             return
+        self._deny(version, f"health check failed: {detail}", now)
+        error = f"version {version} failed its health check: {detail}" if version else (
+            f"the booted version (unknown) failed its health check: {detail}; not put on the deny list")
         self.state = replace(
             self.state,
             pending=PendingUpdate(version=previous, slot=other.name, label=other.label, partuuid=other.partuuid,
                                   installed_at=now, previous_version=version, kind="rollback"),
             new_version=previous, new_size=0, last_boot_outcome="health_check_failed",
-            last_error=f"version {version} failed its health check: {detail}",
+            last_error=error,
         )
         self._event("boot_outcome", outcome="health_check_failed", slot=slot.name, version=version,
                     detail=detail, checks=[asdict(r) for r in report.results], rollback_to=other.name)
@@ -620,7 +696,7 @@ class Agent:
 
     async def _rolled_back(self, pending: PendingUpdate, slot: Slot, failed: Slot, version: str, reason: str) -> None:
         """The old slot booted although the new one was expected: never try that version again."""
-        self.state = self.state.deny(pending.version, f"rolled back: {reason}", self._now())
+        self._deny(pending.version, f"rolled back: {reason}", self._now())
         if failed.priority > 0 and slot.bootable:
             assert self.slots is not None
             await asyncio.to_thread(self.slots.mark_bad, failed.name)
@@ -732,17 +808,29 @@ class Agent:
         self._transition(Phase.FINALIZING, sha256=digest)
 
     async def _tick_finalizing(self) -> None:
+        """Save the pending update (marked=False), then mark the slot, then save marked=True.
+
+        Whatever instant a kill comes at, the next start finds either no record and an unmarked
+        slot, or a record that says which slot holds which version; an unmarked record is settled
+        by looking at the GPT (see ``_resume_same_boot`` and the new-boot logic)."""
         assert self._offer is not None and self._target is not None and self.slots is not None
         target, offer = self._target, self._offer
-        await asyncio.to_thread(self.slots.mark_new, target.name)
-        self.state = replace(
-            self.state,
-            pending=PendingUpdate(version=offer.version, slot=target.name, label=target.label,
-                                  partuuid=target.partuuid, installed_at=self._now(), size=offer.size,
-                                  previous_version=self.state.current_version, kind="update"),
-            slot_versions={**self.state.slot_versions, target.partuuid: offer.version},
-            last_error="",
-        )
+        pending = PendingUpdate(version=offer.version, slot=target.name, label=target.label,
+                                partuuid=target.partuuid, installed_at=self._now(), size=offer.size,
+                                previous_version=self.state.current_version, kind="update", marked=False)
+        recorded = replace(self.state, pending=pending,
+                           slot_versions={**self.state.slot_versions, target.partuuid: offer.version})
+        # Must be on disk before the GPT write: a failed save is an error and the slot stays unmarked.
+        await asyncio.to_thread(self.store.save, recorded)
+        self.state = recorded
+        try:
+            await asyncio.to_thread(self.slots.mark_new, target.name)
+        except Exception:
+            # The slot holds the verified image either way; a torn write is repaired at the next
+            # start and, should the bootloader pick the slot, slot_versions still names its version.
+            self.state = replace(self.state, pending=None)
+            raise
+        self.state = replace(self.state, pending=replace(pending, marked=True), last_error="")
         self._event("update_applied", version=offer.version, slot=target.name, partuuid=target.partuuid)
         self._offer = self._target = None
         self._reschedule(backoff=False)
@@ -771,6 +859,22 @@ class Agent:
             self._reschedule(backoff=is_transient(exc))
         self._event("error", phase=phase.value, kind=type(exc).__name__, detail=detail)
         self._transition(Phase.REPORTING_ERROR_EVENT, error=detail)
+
+    def _deny(self, version: str, reason: str, now: float) -> None:
+        """Put ``version`` on the deny list. An unknown version is reported instead: "" there would
+        refuse every later check."""
+        if not version:
+            log.warning("deny_skipped", reason=reason)
+            self._event("deny_skipped", reason=reason, detail="the version is unknown")
+            return
+        self.state = self.state.deny(version, reason, now)
+
+    def _discard_unmarked(self, pending: PendingUpdate) -> None:
+        """A pending update whose slot was never marked (killed before the GPT write): the slot is
+        still unbootable; forget the record so the next check applies the release again."""
+        self._event("apply_interrupted", status=Phase.FINALIZING.value, version=pending.version,
+                    slot=pending.slot, detail="killed before the slot was marked")
+        self.state = replace(self.state, pending=None, new_version="", new_size=0)
 
     def _reschedule(self, *, backoff: bool) -> None:
         """After a check-and-apply cycle: exponential backoff when it failed transiently (the count

@@ -251,7 +251,8 @@ def _health_checks(reader: _Reader) -> tuple[HealthCheckSpec, ...]:
                 f"got {kinds or 'none'}"
             )
         kind = kinds[0]
-        timeout = item.number("timeout_seconds", 10.0, strict=True)
+        # Bounded: a socket timeout beyond time_t raises OverflowError in the running daemon.
+        timeout = item.number("timeout_seconds", 10.0, strict=True, maximum=_MAX_DELAY)
         name = item.string("name", "") if item.has("name") else ""
         target: tuple[str, ...] | str
         if kind == "command":

@@ -421,7 +421,11 @@ class _SlotSink:
             self._fd = os.open(target.path, os.O_WRONLY | os.O_CLOEXEC)
         except OSError as exc:
             raise UpdateAgentError(f"{target.path}: cannot open the install target: {exc.strerror}") from exc
-        end = os.lseek(self._fd, 0, os.SEEK_END)
+        try:
+            end = os.lseek(self._fd, 0, os.SEEK_END)
+        except OSError as exc:  # a pipe or socket, say: not a disk
+            os.close(self._fd)
+            raise UpdateAgentError(f"{target.path}: cannot seek the install target: {exc.strerror}") from exc
         if target.offset + target.size > end:
             os.close(self._fd)
             raise UpdateAgentError(

@@ -18,13 +18,18 @@ from locksmith.log import get_logger
 from updateagent import gpt
 from updateagent.errors import GptError
 
-__all__ = ["USR_PARTITION_TYPE", "Slot", "SlotName", "SlotTable", "slots_from_table"]
+__all__ = ["USR_PARTITION_TYPE", "Slot", "SlotName", "SlotRefused", "SlotTable", "slots_from_table"]
 
 log = get_logger(__name__)
 
 USR_PARTITION_TYPE = uuid.UUID("5dfbf5f4-2848-4bac-aa5e-0d9a20b745a6")
 SlotName = Literal["A", "B"]
 _LABELS: dict[SlotName, str] = {"A": "USR-A", "B": "USR-B"}
+
+
+class SlotRefused(GptError):
+    """A slot change refused by rule (marking a slot bad while the other is not bootable), as
+    opposed to a disk that cannot be read or written: the caller may act on the refusal."""
 
 
 @dataclass(frozen=True)
@@ -130,7 +135,7 @@ class SlotTable:
         return self._update(slot, "mark_good")
 
     def mark_bad(self, slot: SlotName | Slot) -> tuple[Slot, Slot]:
-        """Never boot ``slot`` again (P=0, T=0, S=0). Refused if the other slot is not bootable."""
+        """Never boot ``slot`` again (P=0, T=0, S=0). Refused (SlotRefused) if the other slot is not bootable."""
         return self._update(slot, "mark_bad")
 
     def _update(self, slot: SlotName | Slot, op: str) -> tuple[Slot, Slot]:
@@ -143,7 +148,7 @@ class SlotTable:
             o_attr = table.partition(other.partition).attributes
             if op == "mark_bad":
                 if not other.bootable:
-                    raise GptError(f"{self._disk}: refusing to mark slot {target.name} bad: slot "
+                    raise SlotRefused(f"{self._disk}: refusing to mark slot {target.name} bad: slot "
                                    f"{other.name} is not bootable (priority {other.priority}, tries "
                                    f"{other.tries}, successful {int(other.successful)})")
                 t_attr = gpt.set_gptprio(t_attr, priority=0, tries=0, successful=False)

@@ -39,6 +39,10 @@ class PendingUpdate:
     size: int = 0
     previous_version: str = ""
     kind: str = "update"  # "update" | "rollback"
+    # False from the moment the record is saved until the GPT mark of the slot is known to be on
+    # disk: a kill in between leaves a record whose slot may or may not be marked, and the agent
+    # looks at the GPT to tell. Files written before this field existed only held marked slots.
+    marked: bool = True
 
 
 @dataclass(frozen=True)
@@ -76,7 +80,8 @@ class AgentState:
         return any(entry.version == version for entry in self.deny_list)
 
     def deny(self, version: str, reason: str, now: float) -> AgentState:
-        if self.denied(version):
+        # An unknown version ("") on the deny list would refuse every later check.
+        if not version or self.denied(version):
             return self
         return replace(self, deny_list=(*self.deny_list, DenyEntry(version, reason, now)))
 
@@ -101,6 +106,9 @@ class AgentState:
             if pending is not None:
                 _strings(pending, ("version", "slot", "label", "partuuid", "previous_version", "kind"),
                          f"{source}: key 'pending'")
+                if not isinstance(pending.get("marked", True), bool):
+                    raise StateError(f"{source}: key 'pending': field 'marked': expected true or false, "
+                                     f"got {pending['marked']!r}")
             for entry in _list(data, "deny_list", source):
                 _strings(entry, ("version", "reason"), f"{source}: key 'deny_list'")
             return cls(
@@ -113,7 +121,8 @@ class AgentState:
                 new_version=_str(data, "new_version", source),
                 new_size=int(data.get("new_size", 0)),
                 pending=PendingUpdate(**pending) if pending is not None else None,
-                deny_list=tuple(DenyEntry(**entry) for entry in data.get("deny_list", [])),
+                # An empty version (an unknown one, denied by an older agent) would refuse every check.
+                deny_list=tuple(DenyEntry(**entry) for entry in data.get("deny_list", []) if entry.get("version")),
                 history=tuple(HistoryEntry(**entry) for entry in data.get("history", [])),
                 last_boot_outcome=_str(data, "last_boot_outcome", source),
                 last_error=_str(data, "last_error", source),

@@ -33,6 +33,8 @@ def _agent_command(name: str) -> Callable[[F], click.Command]:
 
 
 _DONE = ("UPDATE_STATUS_IDLE", "UPDATE_STATUS_UPDATED_NEED_REBOOT", "UPDATE_STATUS_REPORTING_ERROR_EVENT")
+# Our after-boot phases (update_engine clients see them as IDLE): no check starts until they end.
+_VERIFYING = ("AGENT_STARTING", "AGENT_BOOT_HEALTH_CHECK")
 
 
 def _run(bus_address: str | None, body: Callable[[Any], Awaitable[T]]) -> T:
@@ -187,14 +189,23 @@ def check_cmd(timeout: float, bus_address: str | None, output: str) -> None:
                 bar = None
             if "UPDATE_STATUS_CHECKING_FOR_UPDATE" in seen and op in _DONE and not done.done():
                 done.set_result(st)
+            elif op == "UPDATE_STATUS_UPDATED_NEED_REBOOT" and not done.done():
+                # Waiting for a reboot before the check began (the boot's health check failed and
+                # a rollback waits): the agent dropped the request, the check will never come.
+                done.set_result(st)
 
         await client.subscribe(on_status)
         accepted = await client.check()
         if not accepted:
             current = await client.get_status()
-            return {"result": "not_started", "status": _status_doc(current), "error": ""}
+            details = await client.details()
+            return {"result": "not_started", "status": _status_doc(current), "error": "",
+                    "phase": details["phase"]}
         final = await asyncio.wait_for(done, timeout)
         details = await client.details()
+        if "UPDATE_STATUS_CHECKING_FOR_UPDATE" not in seen:
+            return {"result": "not_started", "status": _status_doc(final), "error": details["last_error"],
+                    "phase": details["phase"], "operations": seen}
         result = {
             "UPDATE_STATUS_UPDATED_NEED_REBOOT": "update_applied",
             "UPDATE_STATUS_REPORTING_ERROR_EVENT": "error",
@@ -210,8 +221,14 @@ def check_cmd(timeout: float, bus_address: str | None, output: str) -> None:
         emit_json(doc)
     elif doc["result"] == "not_started":
         op = doc["status"]["current_operation"]
-        if op == "UPDATE_STATUS_UPDATED_NEED_REBOOT":
+        if doc.get("error") and op == "UPDATE_STATUS_UPDATED_NEED_REBOOT":
+            click.echo(f"updatectl: no check was made: {doc['error']}; the node waits for a reboot to "
+                       f"{doc['status']['new_version'] or 'its previous version'}", err=True)
+        elif op == "UPDATE_STATUS_UPDATED_NEED_REBOOT":
             click.echo(f"update {doc['status']['new_version']} is already applied; reboot to use it")
+        elif doc.get("phase") in _VERIFYING:
+            click.echo("updatectl: the agent is verifying the booted slot (after-boot health checks); "
+                       "no check starts until that is done; try again later", err=True)
         else:
             click.echo(f"updatectl: the agent is busy ({op}); try again later", err=True)
     elif doc["result"] == "update_applied":
@@ -221,6 +238,7 @@ def check_cmd(timeout: float, bus_address: str | None, output: str) -> None:
     else:
         click.echo(f"updatectl: check failed: {doc['error']}", err=True)
     if doc["result"] == "error" or (
-        doc["result"] == "not_started" and doc["status"]["current_operation"] != "UPDATE_STATUS_UPDATED_NEED_REBOOT"
+        doc["result"] == "not_started"
+        and (doc["status"]["current_operation"] != "UPDATE_STATUS_UPDATED_NEED_REBOOT" or doc.get("error"))
     ):
         sys.exit(1)
