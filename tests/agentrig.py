@@ -8,6 +8,7 @@ The ``rig`` fixture (one such machine) is in agentfixtures.py.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -15,6 +16,7 @@ import select
 import subprocess
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -162,3 +164,25 @@ def wait_for_log(proc: subprocess.Popen[bytes], path: Path, event: str, *, timeo
             if entry.get("event") == event and all(entry.get(k) == v for k, v in fields.items()):
                 return entry
     raise AssertionError(f"no {event} {fields} in the agent's log within {timeout}s:\n{path.read_text()}")
+
+
+NOW = datetime(2026, 11, 27, 4, 0, tzinfo=UTC)
+
+
+class ManualClock:
+    """The agent's clock, advanced by the test (the simulator swaps clocks the same way)."""
+
+    def __init__(self, now: datetime = NOW) -> None:
+        self.current = now
+
+    def now(self) -> datetime:
+        return self.current
+
+    def monotonic(self) -> float:
+        return self.current.timestamp()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(0)
+
+    def advance(self, seconds: float) -> None:
+        self.current += timedelta(seconds=seconds)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from agentrig import Rig
+from agentrig import NOW, ManualClock, Rig
 from gptimg import cgpt_attr, gptprio_bits, make_disk
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -16,28 +16,6 @@ from hypothesis import strategies as st
 from updateagent.agent import Agent, ChannelSource, Phase, Schedule, StatusSnapshot
 from updateagent.bootloader import EmulatedBootloader
 from updateagent.daemon import build_agent
-
-NOW = datetime(2026, 11, 27, 4, 0, tzinfo=UTC)
-
-
-class ManualClock:
-    """The agent's clock, advanced by the test (the simulator swaps clocks the same way)."""
-
-    def __init__(self, now: datetime = NOW) -> None:
-        self.current = now
-
-    def now(self) -> datetime:
-        return self.current
-
-    def monotonic(self) -> float:
-        return self.current.timestamp()
-
-    async def sleep(self, seconds: float) -> None:
-        await asyncio.sleep(0)
-
-    def advance(self, seconds: float) -> None:
-        self.current += timedelta(seconds=seconds)
-
 
 # ------------------------------------------------------------------------------- schedule
 

@@ -7,11 +7,10 @@ import json
 import os
 import subprocess
 import sys
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from agentrig import Rig
+from agentrig import ManualClock, Rig
 from dbusbus import PrivateBus
 from gptimg import cgpt_attr, gptprio_bits
 
@@ -28,30 +27,13 @@ UPDATECTL = str(Path(sys.executable).parent / "updatectl")
 INTERVAL = 45 * 60
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.current = datetime(2026, 11, 27, 4, 0, tzinfo=UTC)
-
-    def now(self) -> datetime:
-        return self.current
-
-    def monotonic(self) -> float:
-        return self.current.timestamp()
-
-    async def sleep(self, seconds: float) -> None:
-        await asyncio.sleep(0)
-
-    def advance(self, seconds: float) -> None:
-        self.current += timedelta(seconds=seconds)
-
-
 # ------------------------------------------------------------------------------- scheduling
 
 
 async def test_reset_after_an_agent_restart_schedules_the_next_check(rig: Rig) -> None:
     """An agent restarted while an update waits for its reboot, then ResetStatus: the periodic
     checks must resume (they used to stop for good: IDLE with no next check)."""
-    clock = Clock()
+    clock = ManualClock()
     rig.publish("2.0.0")
     agent = build_agent(rig.settings(), host=rig.host(), clock=clock)
     await agent.start()
@@ -174,14 +156,11 @@ def test_updatectl_history_limit_out_of_range_is_a_usage_error(bus: PrivateBus) 
 
 async def test_cancelled_health_check_kills_its_process(tmp_path: Path) -> None:
     """MarkGood (or the daemon stopping) cancels running checks; their processes must not outlive it."""
-    pidfile = tmp_path / "pid"
-    spec = HealthCheckSpec("command", ("sh", "-c", f"echo $$ > {pidfile}; exec sleep 60"), 120.0)
+    pipe = tmp_path / "pid"
+    os.mkfifo(pipe)  # the check hands over its pid through a FIFO: the read returns when it has started
+    spec = HealthCheckSpec("command", ("sh", "-c", f"echo $$ > {pipe}; exec sleep 60"), 120.0)
     task = asyncio.ensure_future(HealthChecker([spec], deadline=0).run())
-    for _ in range(500):
-        if pidfile.exists() and pidfile.read_text().strip():
-            break
-        await asyncio.sleep(0.01)
-    pid = int(pidfile.read_text())
+    pid = int(await asyncio.wait_for(asyncio.to_thread(pipe.read_text), 10))
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

@@ -10,11 +10,10 @@ import dataclasses
 import json
 import os
 import sys
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from agentrig import Rig
+from agentrig import ManualClock, Rig
 from dbusbus import PrivateBus
 from gptimg import cgpt_attr, cgpt_set, gptprio_bits
 
@@ -28,23 +27,6 @@ from updateagent.install import InstallTarget, install
 from updateagent.slots import Slot, SlotName, SlotTable
 
 UPDATECTL = str(Path(sys.executable).parent / "updatectl")
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.current = datetime(2026, 11, 27, 4, 0, tzinfo=UTC)
-
-    def now(self) -> datetime:
-        return self.current
-
-    def monotonic(self) -> float:
-        return self.current.timestamp()
-
-    async def sleep(self, seconds: float) -> None:
-        await asyncio.sleep(0)
-
-    def advance(self, seconds: float) -> None:
-        self.current += timedelta(seconds=seconds)
 
 
 class KilledAroundMark(SlotTable):
@@ -154,7 +136,7 @@ async def test_a_pending_update_that_cannot_be_saved_is_never_marked(rig: Rig) -
 
 
 async def test_an_error_while_marking_good_is_retried_and_no_check_starts(rig: Rig) -> None:
-    clock = Clock()
+    clock = ManualClock()
     rig.publish("2.0.0")
     agent = build_agent(rig.settings(), host=rig.host(), clock=clock)
     await agent.start()
