@@ -44,7 +44,8 @@ class TlsMaterial:
     ``cert_file``/``key_file`` are the server's (valid for 127.0.0.1), ``ca_file`` the CA that
     signed them. With ``client_cert_auth`` etcd requires client certificates signed by
     ``trusted_ca_file`` (default ``ca_file``); ``client_cert_file``/``client_key_file``, when
-    given, go into ``config()`` so a client can connect with them.
+    given, go into ``config()`` so a client can connect with them. ``member_certs`` gives each
+    member of a cluster its own (cert, key) pair instead of the shared one.
     """
 
     cert_file: Path
@@ -54,9 +55,11 @@ class TlsMaterial:
     trusted_ca_file: Path | None = None
     client_cert_file: Path | None = None
     client_key_file: Path | None = None
+    member_certs: tuple[tuple[Path, Path], ...] = ()
 
-    def server_args(self) -> list[str]:
-        args = ["--cert-file", str(self.cert_file), "--key-file", str(self.key_file)]
+    def server_args(self, member: int = 0) -> list[str]:
+        cert, key = self.member_certs[member] if self.member_certs else (self.cert_file, self.key_file)
+        args = ["--cert-file", str(cert), "--key-file", str(key)]
         if self.client_cert_auth:
             args += ["--client-cert-auth", "--trusted-ca-file", str(self.trusted_ca_file or self.ca_file)]
         return args
@@ -128,6 +131,7 @@ class Member:
     # With TLS, /health and /metrics are also served on a plain-HTTP port, so checking the
     # member does not need the client certificate.
     metrics_port: int | None = None
+    paused: bool = False
 
     @property
     def client_url(self) -> str:
@@ -175,22 +179,28 @@ class Member:
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
+        self.paused = False
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
         self.proc = None
+        self.paused = False
 
     def pause(self) -> None:
+        """SIGSTOP: the process keeps its sockets open (the kernel still accepts connections and
+        buffers requests) but answers nothing, as a member stuck on a disk or in a VM pause."""
         if self.running:
             assert self.proc is not None
             os.kill(self.proc.pid, signal.SIGSTOP)
+            self.paused = True
 
     def resume(self) -> None:
         if self.running:
             assert self.proc is not None
             os.kill(self.proc.pid, signal.SIGCONT)
+        self.paused = False
 
     def healthy(self, timeout: float = 1.0) -> bool:
         try:
@@ -301,7 +311,7 @@ class EmbeddedEtcd:
                 if self.unsafe_no_fsync:
                     m.args.append("--unsafe-no-fsync")
                 if self.tls is not None:
-                    m.args += [*self.tls.server_args(), "--listen-metrics-urls", m.http_url]
+                    m.args += [*self.tls.server_args(self.members.index(m)), "--listen-metrics-urls", m.http_url]
                 m.start()
             _live.add(self)
             try:
@@ -329,7 +339,7 @@ class EmbeddedEtcd:
         """Block until every running member answers /health (after a restart or resume)."""
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
-            if all(m.healthy() for m in self.members if m.running):
+            if all(m.healthy() for m in self.members if m.running and not m.paused):
                 return
             time.sleep(0.05)
         raise EmbeddedEtcdError("cluster not healthy in time")
@@ -341,9 +351,30 @@ class EmbeddedEtcd:
         m.args = [a if a != "new" else "existing" for a in m.args]
         m.start()
 
-    def metrics(self, member: int = 0) -> dict[str, float]:
+    def leader(self, timeout: float = 1.0) -> int | None:
+        """The index of the member that leads now (by its own /metrics), or None during an
+        election. Paused and stopped members are not asked: they cannot answer."""
+        for i, m in enumerate(self.members):
+            if not m.running or m.paused:
+                continue
+            with contextlib.suppress(OSError, ValueError):
+                if self.metrics(i, timeout=timeout).get("etcd_server_is_leader") == 1.0:
+                    return i
+        return None
+
+    def wait_leader(self, timeout: float = 30.0) -> int:
+        """Block until some running member leads; its index."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = self.leader()
+            if found is not None:
+                return found
+            time.sleep(0.05)  # an election takes a few heartbeats; there is no event to wait on
+        raise EmbeddedEtcdError(f"no leader within {timeout}s")
+
+    def metrics(self, member: int = 0, timeout: float = 5.0) -> dict[str, float]:
         """etcd's own Prometheus counters from /metrics, keyed by the full sample name."""
-        with urllib.request.urlopen(f"{self.members[member].http_url}/metrics", timeout=5) as r:
+        with urllib.request.urlopen(f"{self.members[member].http_url}/metrics", timeout=timeout) as r:
             text = r.read().decode()
         out: dict[str, float] = {}
         for line in text.splitlines():

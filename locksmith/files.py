@@ -24,6 +24,10 @@ class InputFileError(LocksmithError):
         self.problem = problem
 
 
+class InputFileNotFoundError(InputFileError):
+    """The file does not exist (or is a dangling symlink): for callers to whom that is normal."""
+
+
 def read_bytes(path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_MAX_BYTES, what: str = "file") -> bytes:
     """The whole content of the regular file at ``path`` (symlinks followed), at most ``max_bytes``.
 
@@ -33,7 +37,7 @@ def read_bytes(path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_MAX_BYT
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | getattr(os, "O_NOCTTY", 0))
     except FileNotFoundError:
-        raise InputFileError(path, f"{what} not found") from None
+        raise InputFileNotFoundError(path, f"{what} not found") from None
     except IsADirectoryError:
         raise InputFileError(path, f"{what} is a directory, not a regular file") from None
     except PermissionError:
@@ -82,4 +86,4 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
-__all__ = ["DEFAULT_MAX_BYTES", "InputFileError", "read_bytes", "read_text"]
+__all__ = ["DEFAULT_MAX_BYTES", "InputFileError", "InputFileNotFoundError", "read_bytes", "read_text"]

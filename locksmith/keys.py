@@ -6,6 +6,8 @@
     <prefix>groups/<group>/queue/<id>      one per waiter, on the waiting process's lease; FIFO by
                                            create_revision
     <prefix>groups/<group>/failures/...    failure-budget state (policy issue)
+    <prefix>groups/<group>/cooldown/<id>.<n> one per slot cooling down after a release, on a lease
+                                           whose TTL is the policy's cooldown
     <prefix>audit/<group>/<ns>-<rand>      bounded audit trail
 """
 
@@ -54,6 +56,7 @@ class Layout:
         self.holders = self.base + "holders/"
         self.queue = self.base + "queue/"
         self.failures = self.base + "failures/"
+        self.cooldown = self.base + "cooldown/"
         self.audit = f"{self.prefix}audit/{group}/"
 
     def holder(self, holder_id: str) -> str:

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from locksmith.errors import LocksmithError
+from locksmith.files import InputFileError, InputFileNotFoundError, read_bytes
 
 MACHINE_ID_PATHS: tuple[Path, ...] = (Path("/etc/machine-id"), Path("/var/lib/dbus/machine-id"))
 
@@ -27,12 +28,12 @@ def machine_id(paths: Sequence[Path | str] = MACHINE_ID_PATHS) -> str:
     problems: list[str] = []
     for p in map(Path, paths):
         try:
-            text = p.read_text(encoding="ascii", errors="replace").strip()
-        except FileNotFoundError:
+            text = read_bytes(p, max_bytes=4096, what="machine id file").decode("ascii", errors="replace").strip()
+        except InputFileNotFoundError:
             problems.append(f"{p}: missing")
             continue
-        except OSError as exc:
-            problems.append(f"{p}: {exc.strerror or exc}")
+        except InputFileError as exc:
+            problems.append(f"{p}: {exc.problem}")
             continue
         if not text:
             problems.append(f"{p}: empty")

@@ -26,12 +26,12 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
 from functools import cache
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import jsonschema
 
 from locksmith.errors import CorruptValueError, InvalidArgumentError, LocksmithError
+from locksmith.files import InputFileError, read_bytes
 from locksmith.keys import FORMAT_VERSION, check_group
 from locksmith.windows import (
     DurationError,
@@ -46,6 +46,8 @@ from locksmith.windows import (
 
 __all__ = [
     "DURATION_FIELDS",
+    "MAX_NESTING",
+    "MAX_POLICY_BYTES",
     "ON_TIMEOUT_ACTIONS",
     "STRATEGIES",
     "CorruptPolicyError",
@@ -65,6 +67,12 @@ SCHEMA_RESOURCE = "policy_schema.json"
 STRATEGIES: tuple[str, ...] = ("etcd-lock", "reboot", "off")
 ON_TIMEOUT_ACTIONS: tuple[str, ...] = ("hold", "release")
 DURATION_FIELDS: tuple[str, ...] = ("reboot_timeout", "cooldown", "min_window_remaining")
+# Input bounds (docs/policy.md "Limits"). A policy with the maximum number of windows is a few
+# kilobytes; the byte cap only keeps a stray huge file or value from being parsed at all.
+MAX_POLICY_BYTES = 1 << 20
+# A policy's deepest value is windows[i].days[j]: four levels. Far deeper input is refused before
+# anything recurses over it.
+MAX_NESTING = 16
 
 # Keys users bring from other tools, with what to write instead.
 _KEY_HINTS = {
@@ -219,10 +227,22 @@ def default_policy(group: str | None) -> Policy:
 def parse_policy_text(text: str, *, source: str = "<text>", group: str | None = None) -> Policy:
     """Parse a TOML policy. ``group`` (e.g. from ``--group``) fills in a file without one, and
     must agree with a file that has one. Raises :class:`PolicyError` listing every problem."""
+    # Many editors on Windows start UTF-8 files with a byte-order mark; TOML forbids it, but it
+    # carries no meaning, so it is dropped rather than reported as a syntax error in column 1.
+    text = text.removeprefix("\ufeff")
+    if len(text) > MAX_POLICY_BYTES:
+        raise PolicyError([Problem("", f"policy text is too large ({len(text)} characters; the limit is "
+                                       f"{MAX_POLICY_BYTES})")], source=source)
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise PolicyError([_toml_syntax_problem(exc, text, _TomlLocator(text))], source=source) from None
+    except RecursionError:
+        raise PolicyError([Problem("", f"TOML syntax error: arrays or tables nested too deeply "
+                                       f"(at most {MAX_NESTING} levels make sense in a policy)")],
+                          source=source) from None
+    except ValueError as exc:  # an integer of thousands of digits: Python's int() limit
+        raise PolicyError([Problem("", f"TOML syntax error: {exc}".split(";")[0])], source=source) from None
     locate = _TomlLocator(text).line
     return _build(data, locate=locate, source=source, group=group, error=_file_error(source))
 
@@ -231,11 +251,11 @@ def parse_policy_file(path: str | os.PathLike[str], *, group: str | None = None)
     """Read and parse a policy file (see :func:`parse_policy_text`)."""
     source = os.fspath(path)
     try:
-        text = Path(path).read_bytes().decode("utf-8")
+        text = read_bytes(path, max_bytes=MAX_POLICY_BYTES, what="policy file").decode("utf-8")
+    except InputFileError as exc:
+        raise PolicyError([Problem("", f"cannot read: {exc.problem}")], source=source) from None
     except UnicodeDecodeError as exc:
         raise PolicyError([Problem("", f"not UTF-8 text ({exc.reason} at byte {exc.start})")], source=source) from None
-    except OSError as exc:
-        raise PolicyError([Problem("", f"cannot read: {exc.strerror or exc}")], source=source) from None
     return parse_policy_text(text, source=source, group=group)
 
 
@@ -243,10 +263,15 @@ def policy_from_json(data: Mapping[str, Any] | bytes | str, *, key: str) -> Poli
     """Read the etcd form. Missing keys take their defaults; anything else wrong raises
     :class:`CorruptPolicyError` (a :class:`PolicyError` and a ``CorruptValueError``) naming ``key``."""
     if isinstance(data, bytes | str):
+        if len(data) > MAX_POLICY_BYTES:
+            raise CorruptPolicyError(key, [Problem("", f"{len(data)} bytes, more than the {MAX_POLICY_BYTES} a "
+                                                       "policy may take")])
         try:
             data = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-            raise CorruptPolicyError(key, [Problem("", f"not JSON: {exc}")]) from None
+        except RecursionError:
+            raise CorruptPolicyError(key, [Problem("", "not JSON: nested too deeply")]) from None
+        except ValueError as exc:  # also UnicodeDecodeError and int()'s digit limit
+            raise CorruptPolicyError(key, [Problem("", f"not JSON: {str(exc).split(';')[0]}")]) from None
     return _build(data, locate=lambda _path: None, source=key, group=None, error=lambda ps: CorruptPolicyError(key, ps))
 
 
@@ -279,6 +304,10 @@ def _build(
 
     if not isinstance(data, Mapping):
         raise error([Problem("", f"a policy must be a table/object of keys, got {_describe(data)}")])
+    deep = _too_deep(data, MAX_NESTING)
+    if deep is not None:
+        # Before the schema pass: jsonschema recurses per level and would hit Python's limit.
+        raise error([Problem(deep, f"nested more than {MAX_NESTING} levels deep; a policy needs at most 4")])
 
     broken: set[str] = set()  # top-level keys (and "windows[i]") that failed the structural pass
     errors = list(_validator().iter_errors(data))
@@ -357,7 +386,10 @@ def _build(
                 continue
             parsed.extend(ws.windows)
         if windows_ok:
-            windows = WindowSet(parsed, "UTC").windows  # normalising needs no zone
+            try:
+                windows = WindowSet(parsed, "UTC").windows  # normalising needs no zone
+            except WindowError as exc:  # too many starts a week in all
+                add("windows", exc.problem)
 
     if windows and "min_window_remaining" in durations:
         longest = max(w.length for w in windows)
@@ -389,6 +421,21 @@ def _build(
         paused=paused,
         paused_reason=reason,
     )
+
+
+def _too_deep(data: Any, limit: int) -> str | None:
+    """The path of the first value nested deeper than ``limit`` lists/tables, else None.
+    Iterative, so it cannot itself run out of stack."""
+    stack: list[tuple[Any, str, int]] = [(data, "", 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        if depth > limit:
+            return path
+        if isinstance(value, Mapping):
+            stack.extend((v, f"{path}.{k}" if path else str(k), depth + 1) for k, v in value.items())
+        elif isinstance(value, list | tuple):
+            stack.extend((v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value))
+    return None
 
 
 def _renumber(where: str, index: int) -> str:
@@ -515,6 +562,10 @@ def _schema_problems(err: jsonschema.ValidationError) -> list[tuple[str, str]]:
         return [(path, f"must be one of {choices}, got {inst!r}{extra}")]
     if kind == "minimum":
         return [(path, f"must be at least {err.validator_value}, got {inst!r}")]
+    if kind == "maximum":
+        return [(path, f"must be at most {err.validator_value}, got {inst!r}")]
+    if kind == "maxItems":
+        return [(path, f"has {len(inst)} entries; at most {err.validator_value} are allowed")]
     if kind == "minItems":
         return [(path, "must not be empty" + (" (list day names, or write 'daily')" if path.endswith("days") else ""))]
     return [(path, err.message)]

@@ -7,6 +7,12 @@ queue within the TTL), ranked by create_revision. Each ``Semaphore`` object keep
 mirror of its group; waiters sleep on it and only a waiter that the mirror shows among the first
 ``available`` ones sends a grant transaction. Every write is a transaction whose compares make it
 safe whatever the mirror believed, so at no revision are there more than ``max`` holders.
+
+Every write recognises its own earlier commit when its reply is lost: a grant carries a nonce in
+the holder record, a release its audit entry's key, and a transaction whose compare fails reads
+those back in its failure branch (free: same round trip). Only when the outcome is unknown (the
+call failed) is there an extra read. So what ``lock``, ``unlock`` and ``release_overdue`` answer is
+true, and a ``lock()`` that does not return (cancelled, failed) releases any grant it made.
 """
 
 from __future__ import annotations
@@ -14,8 +20,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Coroutine, Iterable
-from dataclasses import dataclass
+import math
+import secrets
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from itertools import islice
 from typing import Any
@@ -25,6 +33,7 @@ from locksmith.clock import SYSTEM_CLOCK, Clock
 from locksmith.errors import (
     CorruptValueError,
     EtcdError,
+    EtcdUnavailableError,
     InvalidArgumentError,
     LocksmithError,
     SlotUnavailableError,
@@ -35,16 +44,19 @@ from locksmith.etcd import (
     Delete,
     Etcd,
     Event,
+    Get,
     KeyValue,
     Lease,
     Put,
     Target,
+    TxnResult,
     absent,
     mod_revision_is,
     unchanged_since,
 )
 from locksmith.keys import DEFAULT_PREFIX, FORMAT_VERSION, Layout, check_id
 from locksmith.log import get_logger
+from locksmith.windows import DurationError, parse_duration
 
 _log = get_logger(__name__)
 
@@ -53,6 +65,14 @@ DEFAULT_HOLD = timedelta(hours=1)
 # try_lock re-reads after a lost race (someone else's write landed between its read and its txn);
 # a race is not "no slot", but the CLI must not loop for ever either.
 _TRY_ATTEMPTS = 5
+# After a write whose outcome is unknown, how long to keep trying to read it back before giving up.
+_READ_BACK_DELAYS = (0.1, 0.2, 0.4, 0.8, 1.6, 3.2)
+# How often a mirror with local waiters compares itself with a fresh read: a watch that stalls
+# (a frozen member) or misses an event must cost seconds of fairness, never a waiter for ever.
+MIRROR_CHECK_EVERY = 10.0
+# A cooldown key's lease outlives the cooldown by this much: its TTL starts at the lease grant,
+# just before the release commits, and the cooldown is promised from the release on.
+_COOLDOWN_MARGIN = 1
 
 
 # -- public values ------------------------------------------------------------------------------
@@ -88,10 +108,12 @@ class SemaphoreState:
     queue: list[Waiter]  # FIFO order
     paused: bool
     revision: int
+    cooldown: timedelta = timedelta(0)  # the policy's cooldown
+    cooling_down: int = 0  # freed slots still in their cooldown (counted only while cooldown > 0)
 
     @property
     def available(self) -> int:
-        return max(0, self.max - len(self.holders))
+        return max(0, self.max - len(self.holders) - self.cooling_down)
 
 
 # -- parsing ------------------------------------------------------------------------------------
@@ -182,8 +204,27 @@ def parse_policy(kv: KeyValue) -> tuple[dict[str, Any], int]:
     return d, slots
 
 
+def parse_cooldown(key: str, doc: dict[str, Any]) -> int:
+    """The policy's cooldown in whole seconds (rounded up; 0 when unset)."""
+    try:
+        cooldown = parse_duration(doc.get("cooldown", "0s"), where="cooldown")
+    except DurationError as exc:
+        raise CorruptValueError(key, f"field {exc}") from exc
+    return math.ceil(cooldown.total_seconds())
+
+
 def parse_pause(kv: KeyValue) -> None:
     _load(kv.key, kv.value)
+
+
+def _nonce(kv: KeyValue) -> str:
+    """The nonce a holder record was written with ("" if none or the value does not parse)."""
+    try:
+        d = json.loads(kv.value)
+    except (ValueError, RecursionError):
+        return ""
+    v = d.get("nonce", "") if isinstance(d, dict) else ""
+    return v if isinstance(v, str) else ""
 
 
 def _dumps(d: dict[str, Any]) -> bytes:
@@ -206,9 +247,11 @@ class _View:
         self.policy_rev = 0  # mod_revision of the policy key; 0 = absent
         self.policy_doc: dict[str, Any] = {}
         self.max = DEFAULT_MAX
+        self.cooldown_s = 0  # the policy's cooldown, whole seconds
         self.pause_rev = 0
         self.holders: dict[str, Holder] = {}
         self.queue: dict[str, Waiter] = {}  # kept in create_revision (FIFO) order
+        self.cooling: dict[str, int] = {}  # cooldown key -> mod_revision
         self.corrupt: dict[str, str] = {}
 
     # -- building ---------------------------------------------------------------------------------
@@ -220,10 +263,12 @@ class _View:
         self.revision = revision
 
     def _kind(self, key: str) -> tuple[str, str]:
+        if not key.startswith(self.layout.base):
+            return "", ""  # never read another group's key as ours, whatever a stream delivers
         rel = key[len(self.layout.base):]
         if rel in ("policy", "pause"):
             return rel, ""
-        for kind in ("holders/", "queue/"):
+        for kind in ("holders/", "queue/", "cooldown/"):
             if rel.startswith(kind):
                 return kind, rel[len(kind):]
         return "", ""  # failures/ and anything else under the group is not the semaphore's
@@ -234,6 +279,7 @@ class _View:
             if kind == "policy":
                 self.policy_rev = kv.mod_revision
                 self.policy_doc, self.max = parse_policy(kv)
+                self.cooldown_s = parse_cooldown(kv.key, self.policy_doc)
             elif kind == "pause":
                 self.pause_rev = kv.mod_revision
                 parse_pause(kv)
@@ -242,6 +288,9 @@ class _View:
                 self.holders[holder_id] = parse_holder(kv, holder_id)
             elif kind == "queue/":
                 self._enqueue(parse_waiter(kv, holder_id))
+            elif kind == "cooldown/":
+                self.cooling[kv.key] = kv.mod_revision  # only counted; the value is informational
+                return ""
             else:
                 return ""
         except CorruptValueError as exc:
@@ -268,13 +317,16 @@ class _View:
         kind, holder_id = self._kind(key)
         self.corrupt.pop(key, None)
         if kind == "policy":
-            self.policy_rev, self.policy_doc, self.max = 0, {}, DEFAULT_MAX
+            self.policy_rev, self.policy_doc, self.max, self.cooldown_s = 0, {}, DEFAULT_MAX, 0
         elif kind == "pause":
             self.pause_rev = 0
         elif kind == "holders/":
             self.holders.pop(holder_id, None)
         elif kind == "queue/":
             self.queue.pop(holder_id, None)
+        elif kind == "cooldown/":
+            self.cooling.pop(key, None)
+            return ""
         return holder_id
 
     # -- reading ----------------------------------------------------------------------------------
@@ -289,8 +341,19 @@ class _View:
         return self.pause_rev != 0
 
     @property
+    def cooling_down(self) -> int:
+        return len(self.cooling) if self.cooldown_s > 0 else 0
+
+    @property
     def available(self) -> int:
-        return max(0, self.max - len(self.holders))
+        return max(0, self.max - len(self.holders) - self.cooling_down)
+
+    def signature(self) -> tuple[object, ...]:
+        """What the semaphore's keys are, without the revision: two views with equal signatures
+        would make every waiter decide the same."""
+        return (self.policy_rev, self.pause_rev, tuple((h.id, h.revision) for h in self.holders.values()),
+                tuple((w.id, w.revision) for w in self.queue.values()), tuple(sorted(self.cooling)),
+                tuple(sorted(self.corrupt)))
 
     def first(self, n: int) -> Iterable[str]:
         return islice(self.queue, n)
@@ -313,6 +376,7 @@ class _View:
             group=self.layout.group, max=self.max,
             holders=sorted(self.holders.values(), key=lambda h: (h.revision, h.id)),
             queue=list(self.queue.values()), paused=self.paused, revision=self.revision,
+            cooldown=timedelta(seconds=self.cooldown_s), cooling_down=self.cooling_down,
         )
 
 
@@ -336,25 +400,29 @@ class _Mirror:
     work per event, not O(waiters).
     """
 
-    def __init__(self, etcd: Etcd, layout: Layout) -> None:
+    def __init__(self, etcd: Etcd, layout: Layout, *, check_every: float = MIRROR_CHECK_EVERY) -> None:
         self.etcd = etcd
         self.layout = layout
         self.view = _View(layout)
         self.closed = False
+        self.check_every = check_every
         self._local: dict[str, list[asyncio.Event]] = {}
         self._task: asyncio.Task[None] | None = None
+        self._checker: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """The first read happens in the caller, so that an unreachable etcd is the caller's error."""
         self.view = await _read(self.etcd, self.layout)
         self._task = asyncio.create_task(self._run(), name=f"semaphore-mirror-{self.layout.group}")
+        self._checker = asyncio.create_task(self._check_loop(), name=f"semaphore-mirror-check-{self.layout.group}")
 
     async def close(self) -> None:
         self.closed = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._task, self._checker):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         self._wake_all()
 
     def current(self) -> _View:
@@ -411,10 +479,39 @@ class _Mirror:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 
+    async def _check_loop(self) -> None:
+        """While local waiters wait, compare the mirror with a fresh read every ``check_every``
+        seconds; if they still differ a moment later (not just the watch's latency), take the read.
+        A watch that stalls or misses an event then costs seconds, not a waiter for ever."""
+        while True:
+            await asyncio.sleep(self.check_every)
+            if not self._local:
+                continue
+            try:
+                fresh = await _read(self.etcd, self.layout)
+                if fresh.revision <= self.view.revision or fresh.signature() == self.view.signature():
+                    continue
+                await asyncio.sleep(1.0)
+                if self.view.revision >= fresh.revision or fresh.signature() == self.view.signature():
+                    continue
+                fresh = await _read(self.etcd, self.layout)
+            except Exception as exc:  # the mirror's own loop reports etcd trouble; try again later
+                _log.debug("semaphore_mirror_check_failed", group=self.layout.group, error=str(exc))
+                continue
+            if fresh.revision > self.view.revision and fresh.signature() != self.view.signature():
+                _log.warning("semaphore_mirror_stale", group=self.layout.group,
+                             mirror_revision=self.view.revision, read_revision=fresh.revision)
+                # The watch goes on from where it was; _apply skips what this read already holds.
+                self.view = fresh
+                self._wake_all()
+
     def _apply(self, events: list[Event]) -> None:
         view = self.view
         touched: list[str] = []
+        seen = view.revision
         for ev in events:
+            if ev.kv.mod_revision <= seen:
+                continue  # already in a fresh read that replaced the view
             holder_id = view.put(ev.kv) if ev.kind == "put" else view.delete(ev.kv.key)
             if holder_id:
                 touched.append(holder_id)
@@ -441,6 +538,18 @@ async def list_groups(etcd: Etcd, *, prefix: str = DEFAULT_PREFIX) -> list[str]:
     return sorted({kv.key[len(base):].split("/", 1)[0] for kv in kvs} - {""})
 
 
+@dataclass
+class _Attempt:
+    """What one lock()/try_lock() call has written or may have: the nonce of each grant it sent (so
+    that it recognises its own commit whose reply was lost), the grant transaction still in flight
+    (a cancelled call must learn its outcome) and whether it sent a queue put."""
+
+    nonces: set[str] = field(default_factory=set)
+    inflight: asyncio.Task[TxnResult] | None = None
+    queued: bool = False
+    queue_key_gone: bool = False  # a queued grant of ours committed, deleting the queue key with it
+
+
 class Semaphore:
     """The reboot semaphore of one group. One object per process (or per connection) is enough:
     any number of concurrent ``lock()`` calls share its mirror and its lease."""
@@ -456,11 +565,13 @@ class Semaphore:
         self.group = group
         self.lease_ttl = lease_ttl
         self.clock = clock
+        self.mirror_check_every = MIRROR_CHECK_EVERY
         self._by = audit.actor()
         self._mirror: _Mirror | None = None
         self._mirror_lock = asyncio.Lock()
         self._lease: Lease | None = None
         self._lease_lock = asyncio.Lock()
+        self._lease_guards: set[asyncio.Task[None]] = set()
         self._pruner = audit.Pruner()
         self._background: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -469,102 +580,128 @@ class Semaphore:
     # -- public API ---------------------------------------------------------------------------------
 
     async def lock(self, holder_id: str, *, reason: str = "", hold_for: timedelta | None = None) -> Holder:
-        """Wait for a slot (FIFO) and take it. A holder locking again gets its slot back, unwritten."""
+        """Wait for a slot (FIFO) and take it. A holder locking again gets its slot back, unwritten.
+
+        Returns only a holder key read fresh or written by this call. If it raises or is cancelled
+        it holds nothing: its queue key is deleted and a grant of its own that committed anyway
+        (reply lost, cancelled in flight) is released in the background."""
         check_id(holder_id)
         hold = _hold(hold_for, self.clock.now())
         mirror = await self._ensure_mirror()
         mirror.current()
-        held = await self._read_holder(holder_id)
+        held, checked_at = await self._read_holder(holder_id)
         if held is not None:
             return held
         wake = mirror.register(holder_id)
+        att = _Attempt()
         enqueued_at = 0  # revision of our queue put; 0 = not queued
-        maybe_queued = False  # a put was sent (it may have landed even if we were cancelled)
+        lease: Lease | None = None  # the lease our queue key is on
         tried_at = 0  # mirror revision of our last failed grant: don't retry until the mirror moves
         fast_tried = False
-        done = False
+        granted: Holder | None = None
         try:
             while True:
                 wake.clear()
                 view = mirror.current()
+                if holder_id in view.holders and view.revision > checked_at:
+                    # The mirror says we hold: a grant of ours whose reply was lost and whose read-back
+                    # missed a late commit, or the same id granted through another Semaphore. Only a
+                    # fresh read is returned; the mirror may be stale.
+                    checked_at = view.revision
+                    granted, _ = await self._read_holder(holder_id)
+                    if granted is not None:
+                        return granted
                 if not enqueued_at:
                     if not fast_tried and view.fast_path_open():
                         fast_tried = True
-                        granted = await self._grant(view, holder_id, reason, hold, queued=None)
+                        granted = await self._grant(view, holder_id, reason, hold, queued=None, att=att)
                         if granted is not None:
-                            done = True
                             return granted
                         continue
-                    maybe_queued = True
-                    enqueued_at = await self._enqueue(holder_id, reason)
+                    att.queued = True
+                    enqueued_at, lease = await self._enqueue(holder_id, reason)
+                    continue
+                if lease is not None and lease.lost.is_set():
+                    # etcd deleted our queue key with the lease; the mirror may not show it yet (a
+                    # stalled watch), but waiting for it could be for ever.
+                    _log.warning("semaphore_requeue", group=self.group, id=holder_id, cause="lease_lost")
+                    enqueued_at, lease = await self._enqueue(holder_id, reason, lease_suspect=True)
                     continue
                 if view.revision < enqueued_at:
                     await wake.wait()
                     continue
                 me = view.queue.get(holder_id)
                 if me is None:
-                    other = view.holders.get(holder_id)
-                    if other is not None:  # the same id was granted through another Semaphore
-                        done = True
-                        return other
                     # Our key is gone: the lease expired (or someone deleted it). Join again, at the end.
-                    _log.warning("semaphore_requeue", group=self.group, id=holder_id)
-                    enqueued_at = await self._enqueue(holder_id, reason, lease_suspect=True)
+                    _log.warning("semaphore_requeue", group=self.group, id=holder_id, cause="queue_key_gone")
+                    enqueued_at, lease = await self._enqueue(holder_id, reason, lease_suspect=True)
                     continue
                 if view.revision > tried_at and view.eligible(holder_id):
                     tried_at = view.revision
-                    granted = await self._grant(view, holder_id, reason, hold, queued=me)
+                    granted = await self._grant(view, holder_id, reason, hold, queued=me, att=att)
                     if granted is not None:
-                        done = True
                         return granted
                     continue
                 await wake.wait()
         finally:
             mirror.unregister(holder_id, wake)
-            if maybe_queued and not done:
+            if granted is None:
+                if att.queued or att.nonces:
+                    self._spawn(self._abandon(holder_id, att), "abandon")
+            elif att.queued and not att.queue_key_gone:
+                # Granted through a path that left our queue key (a lost reply, another Semaphore).
                 self._spawn(self._dequeue(holder_id), "dequeue")
 
     async def try_lock(self, holder_id: str, *, reason: str = "", hold_for: timedelta | None = None) -> Holder:
         """Take a slot now or raise SlotUnavailableError; never waits and never jumps the queue."""
         check_id(holder_id)
         hold = _hold(hold_for, self.clock.now())
-        for _ in range(_TRY_ATTEMPTS):
-            view = await _read(self.etcd, self.layout)
-            view.check()
-            if holder_id in view.holders:
-                return view.holders[holder_id]
-            if view.paused:
-                raise SlotUnavailableError(f"group {self.group!r} is paused")
-            if view.queue:
-                raise SlotUnavailableError(
-                    f"group {self.group!r} has {len(view.queue)} waiter(s) queued; try_lock does not jump the queue"
-                )
-            if view.available <= 0:
-                raise SlotUnavailableError(
-                    f"group {self.group!r} has no free slot: {len(view.holders)} of {view.max} held"
-                )
-            granted = await self._grant(view, holder_id, reason, hold, queued=None, holders_rev=view.revision)
-            if granted is not None:
-                return granted
-        raise SlotUnavailableError(f"group {self.group!r} is contended: lost {_TRY_ATTEMPTS} races for a slot")
+        att = _Attempt()
+        granted: Holder | None = None
+        try:
+            for _ in range(_TRY_ATTEMPTS):
+                view = await _read(self.etcd, self.layout)
+                view.check()
+                if holder_id in view.holders:
+                    granted = view.holders[holder_id]
+                    return granted
+                if view.paused:
+                    raise SlotUnavailableError(f"group {self.group!r} is paused")
+                if view.queue:
+                    raise SlotUnavailableError(
+                        f"group {self.group!r} has {len(view.queue)} waiter(s) queued; try_lock does not jump the queue"
+                    )
+                if view.available <= 0:
+                    cooling = (f", {view.cooling_down} freed slot(s) in their cooldown of {view.cooldown_s}s"
+                               if view.cooling_down else "")
+                    raise SlotUnavailableError(
+                        f"group {self.group!r} has no free slot: {len(view.holders)} of {view.max} held{cooling}"
+                    )
+                granted = await self._grant(view, holder_id, reason, hold, queued=None, att=att, fresh=True)
+                if granted is not None:
+                    return granted
+            raise SlotUnavailableError(f"group {self.group!r} is contended: lost {_TRY_ATTEMPTS} races for a slot")
+        finally:
+            if granted is None and att.nonces:
+                self._spawn(self._abandon(holder_id, att), "abandon")
 
-    async def unlock(self, holder_id: str) -> bool:
-        """Release the slot. False (and nothing written) if ``holder_id`` holds none."""
+    async def unlock(self, holder_id: str, *, reason: str = "", by: str | None = None) -> bool:
+        """Release the slot. False (and nothing written) if ``holder_id`` holds none. True exactly
+        when this call's transaction deleted the holder key, even if its reply was lost; raises
+        EtcdUnavailableError only when etcd could not tell either way. ``reason`` and ``by`` go
+        into the audit entry (the FleetLock server names the client there)."""
         check_id(holder_id)
-        key = self.layout.holder(holder_id)
-        while True:
-            view = await _read(self.etcd, self.layout)
-            view.check()
-            held = view.holders.get(holder_id)
-            if held is None:
-                return False
-            res = await self.etcd.txn(
-                [Compare(key, Target.MOD, "==", held.revision)],
-                [Delete(key), self._audit("unlock", holder_id, "", {"held_since": held.since.isoformat()})],
-            )
-            if res.succeeded:
-                self._audited()
-                return True
+        return await self._release(holder_id, None, action="unlock", reason=reason, by=by or self._by)
+
+    async def release_overdue(self, holder_id: str, revision: int, *, by: str, reason: str) -> bool:
+        """Release ``holder_id``'s slot for it, because it is past its deadline. Only the grant at
+        ``revision`` (``Holder.revision``) is released, never a fresh one, and only if it is overdue
+        by this object's clock. Concurrent callers (any process): exactly one gets True. The audit
+        entry (action ``release-overdue``) names ``by`` and ``reason``."""
+        check_id(holder_id)
+        if not by:
+            raise InvalidArgumentError("release_overdue needs 'by': who releases the overdue slot")
+        return await self._release(holder_id, revision, action="release-overdue", reason=reason, by=by)
 
     async def set_max(self, n: int) -> int:
         """Set the group's max (the policy's ``slots``), keeping every other policy field. Lowering
@@ -599,6 +736,8 @@ class Semaphore:
             await self._mirror.close()
         while self._background:
             await asyncio.gather(*list(self._background), return_exceptions=True)
+        for guard in list(self._lease_guards):
+            guard.cancel()
         if self._lease is not None:
             await self._lease.revoke()
             self._lease = None
@@ -616,7 +755,7 @@ class Semaphore:
             raise LocksmithError(f"semaphore for group {self.group!r} was closed")
         async with self._mirror_lock:
             if self._mirror is None:
-                mirror = _Mirror(self.etcd, self.layout)
+                mirror = _Mirror(self.etcd, self.layout, check_every=self.mirror_check_every)
                 await mirror.start()
                 if self._closed:  # close() ran during the first read: it could not stop this mirror
                     await mirror.close()
@@ -637,18 +776,28 @@ class Semaphore:
                     await lease.revoke()
                     raise LocksmithError(f"semaphore for group {self.group!r} was closed")
                 self._lease = lease
+                guard = asyncio.create_task(self._guard_lease(lease), name=f"semaphore-lease-guard-{self.group}")
+                self._lease_guards.add(guard)
+                guard.add_done_callback(self._lease_guards.discard)
             return lease
 
-    async def _read_holder(self, holder_id: str) -> Holder | None:
-        """A fresh read of our own holder key: the mirror may lag a release we just made."""
+    async def _guard_lease(self, lease: Lease) -> None:
+        # A lost lease took our queue keys with it: wake the waiters so they re-queue at once.
+        await lease.lost.wait()
+        if self._mirror is not None:
+            self._mirror._wake_all()
+
+    async def _read_holder(self, holder_id: str) -> tuple[Holder | None, int]:
+        """A fresh read of our own holder key (the mirror may lag a release we just made), and the
+        revision of the read."""
         key = self.layout.holder(holder_id)
-        kvs, _ = await self.etcd.get_prefix(key)
+        kvs, revision = await self.etcd.get_prefix(key)
         for kv in kvs:
             if kv.key == key:
-                return parse_holder(kv, holder_id)
-        return None
+                return parse_holder(kv, holder_id), revision
+        return None, revision
 
-    async def _enqueue(self, holder_id: str, reason: str, *, lease_suspect: bool = False) -> int:
+    async def _enqueue(self, holder_id: str, reason: str, *, lease_suspect: bool = False) -> tuple[int, Lease]:
         value = _dumps({
             "format_version": FORMAT_VERSION, "id": holder_id, "since": self.clock.now().isoformat(),
             "reason": reason, "by": self._by,
@@ -657,32 +806,44 @@ class Semaphore:
         if lease_suspect and await self.etcd.lease_keepalive_once(lease.id) <= 0:
             lease = await self._ensure_lease(replace=lease)
         try:
-            return await self.etcd.put(self.layout.waiter(holder_id), value, lease=lease.id)
+            return await self.etcd.put(self.layout.waiter(holder_id), value, lease=lease.id), lease
         except EtcdError as exc:
             # The lease died before its keep-alive task noticed: take a new one, once.
             if "lease not found" not in str(exc):
                 raise
             lease = await self._ensure_lease(replace=lease)
-            return await self.etcd.put(self.layout.waiter(holder_id), value, lease=lease.id)
+            return await self.etcd.put(self.layout.waiter(holder_id), value, lease=lease.id), lease
 
-    async def _dequeue(self, holder_id: str) -> None:
-        # Retried until done: a queue key left behind is on a lease this process keeps alive, so it
-        # would hold its place at the head of the line for as long as the process lives. close()
-        # ends the retries (its lease revoke removes the key).
+    async def _retry_until_closed(
+        self, what: str, holder_id: str, step: Callable[[], Awaitable[None]], *, report_give_up: bool = True,
+    ) -> None:
+        """Run ``step()`` until it succeeds; etcd errors are retried with backoff (0.1 s to 5 s)
+        until close(), after which one failure ends it (reported at error level if asked)."""
         delay = 0.1
         while True:
             try:
-                await self._dequeue_once(holder_id)
+                await step()
                 return
             except EtcdError as exc:
                 if self._closed:
+                    if report_give_up:
+                        _log.error(f"semaphore_{what}_gave_up", group=self.group, id=holder_id, error=str(exc))
                     return
-                _log.warning("semaphore_dequeue_retry", group=self.group, id=holder_id, error=str(exc),
+                _log.warning(f"semaphore_{what}_retry", group=self.group, id=holder_id, error=str(exc),
                              retry_in=delay)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
                     await self._closing.wait()
             delay = min(delay * 2, 5.0)
+
+    async def _dequeue(self, holder_id: str) -> None:
+        # Retried until done: a queue key left behind is on a lease this process keeps alive, so it
+        # would hold its place at the head of the line for as long as the process lives. close()
+        # ends the retries (its lease revoke removes the key).
+        if self._closed:
+            return
+        await self._retry_until_closed("dequeue", holder_id, lambda: self._dequeue_once(holder_id),
+                                       report_give_up=False)
 
     async def _dequeue_once(self, holder_id: str) -> None:
         lease = self._lease
@@ -695,42 +856,183 @@ class Semaphore:
             if kv.key == key and kv.lease == lease.id:
                 await self.etcd.txn([Compare(key, Target.CREATE, "==", kv.create_revision)], [Delete(key)])
 
+    async def _abandon(self, holder_id: str, att: _Attempt) -> None:
+        """A lock() that will not return a holder: leave the line first (so that a grant still in
+        flight fails its queue compare), then learn how that grant ended, then release any grant
+        of this call's own (its nonce) that committed. Retried until done or close()."""
+        queued = att.queued and not self._closed  # after close() the lease revoke removes the key
+
+        async def step() -> None:
+            nonlocal queued
+            if queued:
+                await self._dequeue_once(holder_id)
+                queued = False
+            if att.inflight is not None:
+                with contextlib.suppress(Exception):
+                    await att.inflight  # bounded by the etcd call's own timeout
+                att.inflight = None
+            if att.nonces:
+                await self._release_unreturned(holder_id, att.nonces)
+
+        await self._retry_until_closed("abandon", holder_id, step, report_give_up=bool(att.nonces))
+
+    async def _release_unreturned(self, holder_id: str, nonces: set[str]) -> None:
+        key = self.layout.holder(holder_id)
+        kv = await self.etcd.get(key)
+        if kv is None or _nonce(kv) not in nonces:
+            return  # nothing of ours committed (or it is already released)
+        res = await self.etcd.txn(
+            [mod_revision_is(key, kv.mod_revision)],
+            [Delete(key), self._audit("unlock", holder_id, "lock() did not return this grant (cancelled or failed)",
+                                      {"held_since": _since(kv), "unreturned": True})],
+        )
+        if res.succeeded:
+            self._audited()
+            _log.warning("semaphore_unreturned_grant_released", group=self.group, id=holder_id,
+                         revision=kv.mod_revision)
+
+    async def _read_back(self, what: str, read: Any) -> Any:
+        """``read()`` after a write whose outcome is unknown, retried for a few seconds; raises
+        EtcdUnavailableError naming ``what`` if etcd never answers."""
+        last: EtcdError | None = None
+        for delay in (0.0, *_READ_BACK_DELAYS):
+            if delay:
+                await asyncio.sleep(delay)
+            try:
+                return await read()
+            except EtcdUnavailableError as exc:
+                last = exc
+        raise EtcdUnavailableError(f"{what}: outcome unknown, etcd did not answer the read-back: {last}")
+
+    async def _busy(self, cooldown_s: int) -> tuple[int, list[Compare]]:
+        """Holders (and, with a cooldown, slots cooling down) from a fresh read, and the compares
+        that keep that count true until the grant commits."""
+        if cooldown_s <= 0:
+            kvs, rev = await self.etcd.get_prefix(self.layout.holders)
+            return len(kvs), [unchanged_since(self.layout.holders, rev)]
+        (held, hrev), (cooling, crev) = await asyncio.gather(
+            self.etcd.get_prefix(self.layout.holders), self.etcd.get_prefix(self.layout.cooldown))
+        return len(held) + len(cooling), [unchanged_since(self.layout.holders, hrev),
+                                          unchanged_since(self.layout.cooldown, crev)]
+
     async def _grant(
         self, view: _View, holder_id: str, reason: str, hold: timedelta, *, queued: Waiter | None,
-        holders_rev: int | None = None,
+        att: _Attempt, fresh: bool = False,
     ) -> Holder | None:
-        """One grant transaction; None if a compare failed (the caller re-evaluates)."""
+        """One grant transaction; None if a compare failed (the caller re-evaluates). ``fresh``:
+        ``view`` is a fresh read of the whole group (try_lock), so it counts the holders itself."""
         # Everything taken from the view is captured before the first await: the mirror moves on.
-        compares = [view.policy_compare(), absent(self.layout.pause), absent(self.layout.holder(holder_id))]
-        slots = view.max
+        key = self.layout.holder(holder_id)
+        compares = [view.policy_compare(), absent(self.layout.pause), absent(key)]
+        slots, cooldown_s, view_rev = view.max, view.cooldown_s, view.revision
         if queued is None:
-            compares.append(unchanged_since(self.layout.queue, view.revision))
+            compares.append(unchanged_since(self.layout.queue, view_rev))
         else:
             compares.append(Compare(self.layout.waiter(holder_id), Target.CREATE, "==", queued.revision))
-        if holders_rev is None:
-            # Count holders from a fresh read rather than from the mirror, so that safety rests on
-            # this read and the compare alone, never on the watch having delivered every event.
-            kvs, holders_rev = await self.etcd.get_prefix(self.layout.holders)
-            if len(kvs) >= slots:
+        if fresh:
+            compares.append(unchanged_since(self.layout.holders, view_rev))
+            if cooldown_s > 0:
+                compares.append(unchanged_since(self.layout.cooldown, view_rev))
+        else:
+            # Count from a fresh read rather than from the mirror, so that safety rests on this
+            # read and the compares alone, never on the watch having delivered every event.
+            busy, busy_compares = await self._busy(cooldown_s)
+            if busy >= slots:
                 return None
-        compares.append(unchanged_since(self.layout.holders, holders_rev))
+            compares += busy_compares
         now = self.clock.now()
         deadline = now + hold
+        nonce = secrets.token_hex(8)
         record = {
             "format_version": FORMAT_VERSION, "id": holder_id, "since": now.isoformat(),
-            "deadline": deadline.isoformat(), "reason": reason, "by": self._by,
+            "deadline": deadline.isoformat(), "reason": reason, "by": self._by, "nonce": nonce,
         }
-        ops: list[Put | Delete] = [Put(self.layout.holder(holder_id), _dumps(record))]
+        ops: list[Put | Delete] = [Put(key, _dumps(record))]
         if queued is not None:
             ops.append(Delete(self.layout.waiter(holder_id)))
         detail = {"slots": slots, "deadline": deadline.isoformat(),
                   "waited_since": queued.since.isoformat() if queued else None}
         ops.append(self._audit("lock", holder_id, reason, detail, now))
-        res = await self.etcd.txn(compares, ops)
-        if not res.succeeded:
+        att.nonces.add(nonce)
+        # The failure branch reads our holder key back: after a lost reply etcd3aio's retry fails
+        # the "absent" compare on our own commit, and this is how we recognise it (no extra RPC).
+        task = asyncio.ensure_future(self.etcd.txn(compares, ops, [Get(key)]))
+        att.inflight = task
+        try:
+            res = await asyncio.shield(task)  # cancelled: the task runs on and _abandon awaits it
+        except EtcdUnavailableError:
+            att.inflight = None
+            kv = await self._read_back(f"grant of {holder_id!r} in group {self.group!r}",
+                                       lambda: self.etcd.get(key))
+            return self._held(kv, holder_id, att, "read-back")
+        att.inflight = None
+        if res.succeeded:
+            self._audited()
+            att.queue_key_gone = queued is not None
+            return Holder(id=holder_id, since=now, deadline=deadline, reason=reason, by=self._by,
+                          revision=res.revision)
+        kvs = res.results[0] if res.results else []
+        return self._held(kvs[0] if kvs else None, holder_id, att, "failure-branch")
+
+    def _held(self, kv: KeyValue | None, holder_id: str, att: _Attempt, how: str) -> Holder | None:
+        """Our holder key as just read: a commit of this call whose reply was lost (our nonce), the
+        same id granted elsewhere (a recursive lock), or None."""
+        if kv is None:
             return None
-        self._audited()
-        return Holder(id=holder_id, since=now, deadline=deadline, reason=reason, by=self._by, revision=res.revision)
+        holder = parse_holder(kv, holder_id)
+        if _nonce(kv) in att.nonces:
+            self._audited()
+            _log.info("semaphore_lost_reply_recognised", group=self.group, id=holder_id,
+                      revision=kv.mod_revision, via=how)
+        return holder
+
+    async def _release(self, holder_id: str, revision: int | None, *, action: str, reason: str, by: str) -> bool:
+        """Delete ``holder_id``'s key (only the grant at ``revision`` if given, and then only once
+        it is overdue). Each attempt's audit key identifies it: a failed compare reads them all
+        back in its failure branch, so a commit whose reply was lost is still reported True."""
+        key = self.layout.holder(holder_id)
+        ours: list[str] = []  # audit keys of our attempts
+
+        async def committed() -> bool:
+            found = await asyncio.gather(*(self.etcd.get(k) for k in ours))
+            return any(kv is not None for kv in found)
+
+        while True:
+            view = await _read(self.etcd, self.layout)
+            view.check()
+            held = view.holders.get(holder_id)
+            if held is None or (revision is not None and held.revision != revision):
+                # Gone or replaced: by one of our attempts whose outcome was unknown, or by another.
+                return bool(ours) and await committed()
+            if revision is not None and not held.overdue(self.clock.now()):
+                _log.info("semaphore_not_overdue", group=self.group, id=holder_id, deadline=str(held.deadline))
+                return False
+            ops: list[Put | Delete] = [Delete(key)]
+            cooldown_lease = 0
+            if view.cooldown_s > 0:
+                cooldown_lease = await self.etcd.lease_grant(view.cooldown_s + _COOLDOWN_MARGIN)
+                ops.append(Put(f"{self.layout.cooldown}{holder_id}.{secrets.token_hex(4)}", _dumps({
+                    "format_version": FORMAT_VERSION, "id": holder_id, "released_at": self.clock.now().isoformat(),
+                    "cooldown_s": view.cooldown_s,
+                }), lease=cooldown_lease))
+            entry = audit.entry_op(self.layout, action, holder_id, reason, by=by, now=self.clock.now(), detail={
+                "held_since": held.since.isoformat(), "revision": held.revision,
+                "deadline": held.deadline.isoformat() if held.deadline else None, "cooldown_s": view.cooldown_s,
+            })
+            ops.append(entry)
+            ours.append(entry.key)
+            try:
+                res = await self.etcd.txn([mod_revision_is(key, held.revision)], ops, [Get(k) for k in ours])
+            except EtcdUnavailableError:
+                if await self._read_back(f"{action} of {holder_id!r} in group {self.group!r}", committed):
+                    self._audited()
+                    return True
+                continue  # not committed (yet): read again; a late commit shows in the failure branch
+            if res.succeeded or any(res.results):
+                self._audited()
+                return True
+            if cooldown_lease:
+                self._spawn(self.etcd.lease_revoke(cooldown_lease), "lease-revoke")
 
     def _audit(self, action: str, subject: str, reason: str, detail: dict[str, Any],
                now: datetime | None = None) -> Put:
@@ -751,6 +1053,14 @@ class Semaphore:
         task = asyncio.create_task(guarded(), name=f"semaphore-{what}")
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+def _since(kv: KeyValue) -> str | None:
+    try:
+        v = json.loads(kv.value).get("since")
+    except (ValueError, RecursionError, AttributeError):
+        return None
+    return v if isinstance(v, str) else None
 
 
 def _hold(hold_for: timedelta | None, now: datetime) -> timedelta:

@@ -18,8 +18,10 @@ daylight-saving behaviour a single, documented choice instead of whatever the sc
 from __future__ import annotations
 
 import calendar
+import io
 import os
 import re
+import struct
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, tzinfo
@@ -30,11 +32,14 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from apscheduler.triggers.cron import CronTrigger
 
 from locksmith.errors import InvalidArgumentError
+from locksmith.files import InputFileError, read_bytes
 
 __all__ = [
     "DAY_NAMES",
     "MAX_CRON_STARTS_PER_DAY",
     "MAX_LENGTH",
+    "MAX_STARTS_PER_WEEK",
+    "MAX_WINDOWS",
     "NEVER_CLOSES",
     "OPEN_HORIZON",
     "UNBOUNDED",
@@ -48,11 +53,17 @@ __all__ = [
     "parse_duration",
     "parse_windows",
     "resolve_time_zone",
+    "weekly_starts",
 ]
 
 DAY_NAMES: tuple[str, ...] = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 MAX_LENGTH = timedelta(days=7)
 MAX_CRON_STARTS_PER_DAY = 48
+# What a policy may ask the window arithmetic to do (docs/windows.md "Limits"). Query cost grows
+# with the number of window starts a week, so that is bounded too: a cron window counts its daily
+# starts seven times. At these caps `locksmithctl status` answers in well under a second.
+MAX_WINDOWS = 100
+MAX_STARTS_PER_WEEK = 1000
 # A merged open span reaching this far past the query instant is reported as unbounded. For weekly
 # windows in a zone without DST a span is either shorter than a week or endless, so this is exact
 # there; elsewhere it keeps the queries bounded in cost.
@@ -69,9 +80,10 @@ _CHUNK = timedelta(days=7)
 # nearly the same instant over and over, and the trigger arithmetic is the expensive part.
 _WEEK = timedelta(days=7)
 _WEEK0 = datetime(1970, 1, 5, tzinfo=UTC)  # a Monday
-_CACHE_LIMIT = 512
+_CACHE_LIMIT = 4096  # above MAX_WINDOWS triggers x the weeks one query spans, so no query thrashes it
 _MIN_QUERY = datetime(1971, 1, 1, tzinfo=UTC)
 _MAX_QUERY = datetime(9990, 1, 1, tzinfo=UTC)
+_MAX_ZONE_FILE = 1 << 20  # the largest TZif file in tzdata is a few kB
 _ZONEINFO_DIRS = ("/usr/share/zoneinfo/", "/usr/lib/zoneinfo/", "/usr/share/lib/zoneinfo/")
 
 
@@ -106,7 +118,8 @@ _NS_PER_UNIT = {
     "m": 60_000_000_000,
     "h": 3_600_000_000_000,
 }
-_DURATION_PART = re.compile(r"(\d*)(?:\.(\d*))?([a-zµμ]*)")
+# [0-9], not \d: \d and int() also take full-width and other scripts' digits ("１h").
+_DURATION_PART = re.compile(r"([0-9]*)(?:\.([0-9]*))?([a-zµμ]*)")
 _GO_MAX_NS = 2**63 - 1
 
 
@@ -227,16 +240,22 @@ def _local_zone(where: str) -> tzinfo:
         name = tz_env.removeprefix(":")
         if name.startswith("/"):
             try:
-                with open(name, "rb") as fh:
-                    return ZoneInfo.from_file(fh, key=name)
-            except (OSError, ValueError):
+                return ZoneInfo.from_file(io.BytesIO(read_bytes(name, max_bytes=_MAX_ZONE_FILE, what="zone file")),
+                                          key=name)
+            except (InputFileError, ValueError):
                 raise WindowError(where, f"localtime: TZ={tz_env!r} is not a readable zone file") from None
         if name in ("UTC", "Etc/UTC"):
             return UTC
         try:
             return _zone_by_name(name, where)
         except WindowError:
-            raise WindowError(where, f"localtime: TZ={tz_env!r} is not a known time zone") from None
+            pass
+        posix = _posix_zone(name)
+        if posix is None:
+            raise WindowError(
+                where, f"localtime: TZ={tz_env!r} is neither a known time zone nor a POSIX TZ string"
+            )
+        return posix
     path = Path("/etc/localtime")
     if not path.exists():
         return UTC
@@ -248,10 +267,25 @@ def _local_zone(where: str) -> tzinfo:
             except (ZoneInfoNotFoundError, ValueError, OSError):
                 break
     try:
-        with path.open("rb") as fh:
-            return ZoneInfo.from_file(fh, key="localtime")
-    except (OSError, ValueError):
+        return ZoneInfo.from_file(io.BytesIO(read_bytes(path, max_bytes=_MAX_ZONE_FILE, what="zone file")),
+                                  key="localtime")
+    except (InputFileError, ValueError):
         raise WindowError(where, "localtime: /etc/localtime is not a valid zone file") from None
+
+
+def _posix_zone(spec: str) -> ZoneInfo | None:
+    """A zone for a POSIX TZ string (``CET-1CEST,M3.5.0,M10.5.0/3``, ``JST-9``), or None if it is
+    not one. glibc accepts these in $TZ, so hosts may run with one. zoneinfo already implements
+    the rules for a TZif file's footer string; a TZif file with no transitions and ``spec`` as its
+    footer is exactly that zone at every instant."""
+    if not spec.isascii() or len(spec) > 128 or not any(c.isdigit() for c in spec) or "\n" in spec:
+        return None
+    block = b"TZif2" + bytes(15) + struct.pack(">6l", 0, 0, 0, 0, 1, 2) + struct.pack(">lBB", 0, 0, 0) + b"X\0"
+    data = block + block + b"\n" + spec.encode("ascii") + b"\n"
+    try:
+        return ZoneInfo.from_file(io.BytesIO(data), key=spec)
+    except (ValueError, OverflowError):
+        return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,7 +296,7 @@ for _i, _name in enumerate(DAY_NAMES):
     _DAY_LOOKUP[_name.lower()] = _i
     _DAY_LOOKUP[calendar.day_name[_i].lower()] = _i
 _ALL_DAYS_WORDS = frozenset({"daily", "all", "*"})
-_HHMM = re.compile(r"^(\d{1,2}):(\d{2})$")
+_HHMM = re.compile(r"^([0-9]{1,2}):([0-9]{2})$")
 _DAY_HHMM = re.compile(r"^([A-Za-z]+)\s+(\S+)$")
 
 
@@ -418,11 +452,11 @@ _CRON_FIELDS = (
     _CronField("month", 1, 12, tuple(m.lower() for m in calendar.month_abbr[1:]), 1),
     _CronField("day-of-week", 0, 7, ("sun", "mon", "tue", "wed", "thu", "fri", "sat"), 0),
 )
-_CRON_ITEM = re.compile(r"^(?:(\*)|([0-9a-z]+)(?:-([0-9a-z]+))?)(?:/(\d+))?$")
+_CRON_ITEM = re.compile(r"^(?:(\*)|([0-9a-z]+)(?:-([0-9a-z]+))?)(?:/([0-9]+))?$")
 
 
 def _cron_value(text: str, field: _CronField, where: str) -> int:
-    if text.isdigit():
+    if text.isascii() and text.isdigit():
         value = int(text)
     elif text in field.names:
         value = field.names.index(text) + field.name_base
@@ -577,6 +611,7 @@ class WindowSet:
         self.time_zone = time_zone or "UTC"
         self._tz = resolve_time_zone(self.time_zone, where=tz_where)
         self.windows: tuple[Window, ...] = _normalise(windows)
+        _check_budget(self.windows)
         self._triggers: list[tuple[CronTrigger, timedelta]] = [
             (trigger, w.length) for w in self.windows for trigger in w._triggers()
         ]
@@ -721,7 +756,8 @@ class WindowSet:
             return None
         cap = t + OPEN_HORIZON
         scanned = t  # every start <= scanned has been merged
-        while end < cap:
+        # <=: a span ending exactly at the horizon closes there (it is not running at cap).
+        while end <= cap:
             hi = min(max(end, scanned + _CHUNK), cap)
             for s, e in self._intervals(scanned, hi):
                 if s <= scanned:
@@ -729,7 +765,7 @@ class WindowSet:
                 if s > end:
                     return end
                 end = max(end, e)
-            if end < cap and end <= hi:
+            if end <= hi:
                 return end
             scanned = hi
         return NEVER_CLOSES
@@ -746,6 +782,29 @@ class WindowSet:
                 best, best_wall = start, wall
             wall = trigger.get_next_fire_time(None, wall + timedelta(seconds=1))
         return best
+
+
+def weekly_starts(windows: Iterable[Window]) -> int:
+    """How many window starts a week ``windows`` have at most (a cron window counts its daily
+    starts on every day of the week)."""
+    total = 0
+    for w in windows:
+        if isinstance(w, WeeklyWindow):
+            total += len(w.days)
+        else:
+            cron = _parse_cron(w.expr, "cron")
+            total += len(cron.minutes) * len(cron.hours) * 7
+    return total
+
+
+def _check_budget(windows: Sequence[Window], where: str = "windows") -> None:
+    starts = weekly_starts(windows)
+    if starts > MAX_STARTS_PER_WEEK:
+        raise WindowError(
+            where,
+            f"the windows start {starts} times a week (at most {MAX_STARTS_PER_WEEK}); "
+            "merge them into fewer, longer windows",
+        )
 
 
 def _normalise(windows: Iterable[Window]) -> tuple[Window, ...]:
@@ -790,8 +849,16 @@ def parse_windows(
     if raw is None:
         raw = []
     if not isinstance(raw, Sequence) or isinstance(raw, str | bytes):
-        raise WindowError(where, f"expected a list of windows, got {raw!r}")
+        raise WindowError(where, f"expected a list of windows, got {_short_repr(raw)}")
+    if len(raw) > MAX_WINDOWS:
+        raise WindowError(where, f"{len(raw)} windows; at most {MAX_WINDOWS} are allowed")
     parsed: list[Window] = []
     for i, item in enumerate(raw):
         parsed.extend(_parse_window(item, f"{where}[{i}]"))
     return WindowSet(parsed, time_zone, tz_where=tz_where)
+
+
+def _short_repr(value: object, limit: int = 80) -> str:
+    """``repr`` cut to ``limit`` characters: error messages quote input, never all of it."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

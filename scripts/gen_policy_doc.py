@@ -54,8 +54,12 @@ def render_type(spec: dict[str, Any]) -> str:
         text += ": " + ", ".join(f"`{v}`" for v in spec["enum"])
     if "minimum" in spec:
         text += f" ≥ {spec['minimum']}"
+    if "maximum" in spec:
+        text += f", ≤ {spec['maximum']}"
     if "minItems" in spec:
         text += f", at least {spec['minItems']} item{'s' if spec['minItems'] != 1 else ''}"
+    if "maxItems" in spec:
+        text += f", at most {spec['maxItems']} items"
     return text
 
 

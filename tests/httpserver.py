@@ -18,6 +18,9 @@ Fault kinds (``after``/``value`` meanings):
 - ``redirect_loop``: 302 to the same path, forever (or ``times`` requests).
 - ``status``: answer with status ``value`` (e.g. 503) and a short text body.
 - ``ignore_range``: answer 200 with the whole file even when a Range was asked.
+- ``drip``: correct headers, then the body ``value`` bytes (default 1) every ``interval``
+  seconds: a slow or stuck server that never trips a per-read timeout.
+- ``redirect``: 302 to ``location`` (an absolute URL, e.g. on another FileServer).
 
 Run it standalone (``python tests/httpserver.py DIR``) to get a server in another process: it
 prints its base URL on the first line of stdout and serves until stdin closes.
@@ -39,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 _RANGE_RE = re.compile(r"^bytes=(\d+)-(\d*)$")
-FAULT_KINDS = ("drop", "content_length", "html", "redirect_loop", "status", "ignore_range")
+FAULT_KINDS = ("drop", "content_length", "html", "redirect_loop", "status", "ignore_range", "drip", "redirect")
 
 
 @dataclass
@@ -49,6 +52,8 @@ class Fault:
     after: int = 0
     times: int | None = None  # None: every request
     content_type: str = "text/html; charset=utf-8"
+    interval: float = 1.0  # drip
+    location: str = ""  # redirect
 
 
 @dataclass(frozen=True)
@@ -124,12 +129,30 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
             self.connection.shutdown(socket.SHUT_RDWR)
 
+    def _drip(self, file: Path, start: int, count: int, step: int, interval: float) -> None:
+        stop = self.server.stopping
+        with file.open("rb") as f:
+            f.seek(start)
+            while count > 0 and not stop.is_set():
+                data = f.read(min(step, count))
+                try:
+                    self.wfile.write(data)
+                    self.wfile.flush()
+                except OSError:  # the client gave up: what a drip test waits for
+                    return
+                count -= len(data)
+                stop.wait(interval)
+        self._cut()
+
     def _serve(self, head: bool) -> None:
         path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
         fault = self._take_fault(path)
         kind = fault.kind if fault else None
         if fault and fault.kind == "redirect_loop":
             self._simple(302, b"", "text/plain", kind, {"Location": self.path}, head)
+            return
+        if fault and fault.kind == "redirect":
+            self._simple(302, b"", "text/plain", kind, {"Location": fault.location}, head)
             return
         if fault and fault.kind == "status":
             code = fault.value or 503
@@ -174,6 +197,9 @@ class _Handler(BaseHTTPRequestHandler):
             return
         send = min(count, fault.after) if fault and fault.kind == "drop" else count
         self.wfile.flush()
+        if fault and fault.kind == "drip":
+            self._drip(file, start, count, max(fault.value or 1, 1), fault.interval)
+            return
         with file.open("rb") as f:
             if send:
                 self.connection.sendfile(f, start, send)
@@ -188,6 +214,7 @@ class _Server(ThreadingHTTPServer):
 
     def __init__(self, state: _State) -> None:
         self.state = state
+        self.stopping = threading.Event()  # ends dripping responses when the server stops
         super().__init__(("127.0.0.1", 0), _Handler)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
@@ -213,6 +240,7 @@ class FileServer:
 
     def stop(self) -> None:
         if self._server is not None:
+            self._server.stopping.set()
             self._server.shutdown()
             self._server.server_close()
             self._server = None
@@ -244,11 +272,13 @@ class FileServer:
         after: int = 0,
         times: int | None = None,
         content_type: str = "text/html; charset=utf-8",
+        interval: float = 1.0,
+        location: str = "",
     ) -> Fault:
         """Attach a fault to URL ``path`` (e.g. ``/stable/manifest.json``)."""
         if kind not in FAULT_KINDS:
             raise ValueError(f"unknown fault kind {kind!r}; known: {FAULT_KINDS}")
-        f = Fault(kind, value, after, times, content_type)
+        f = Fault(kind, value, after, times, content_type, interval, location)
         with self.state.cond:
             self.state.faults.setdefault("/" + path.lstrip("/"), []).append(f)
         return f

@@ -225,7 +225,7 @@ async def test_mark_good_cuts_a_slow_health_check_short(rig: Rig) -> None:
 async def test_reboot_strategy_reboot_power_cycles_the_emulated_host(rig: Rig) -> None:
     rig.publish("2.0.0")
     host = rig.host()
-    agent = build_agent(dataclasses.replace(rig.settings(), reboot_strategy="reboot"), host=host)
+    agent = build_agent(rig.settings(extra='[reboot]\nstrategy = "reboot"\n'), host=host)
     await agent.start()
     assert await agent.run_until_settled(check=True) is Phase.UPDATED_NEED_REBOOT
     assert host.reboots == 1 and host.rebooted.is_set()

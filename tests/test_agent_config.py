@@ -99,6 +99,7 @@ GROUP=alpha
 SERVER="https://nebraska.example.com/channels"
 REBOOT_STRATEGY='best-effort'
 LOCKSMITHD_REBOOT_WINDOW_START="Thu 04:00"
+LOCKSMITHD_REBOOT_WINDOW_LENGTH=1h
 """
     s = _settings(tmp_path, '[channel]\ninsecure = true\n', uc)
     assert s.group == "alpha" and s.server == "https://nebraska.example.com/channels"

@@ -6,7 +6,6 @@ during the boot health check, and two small input/leak defects."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import os
 import sys
@@ -181,7 +180,7 @@ async def test_restart_while_waiting_for_the_reboot_asks_for_it_again(rig: Rig) 
     assert await agent.run_until_settled(check=True) is Phase.UPDATED_NEED_REBOOT
 
     host = rig.host()
-    again = build_agent(dataclasses.replace(rig.settings(), reboot_strategy="reboot"), host=host)
+    again = build_agent(rig.settings(extra='[reboot]\nstrategy = "reboot"\n'), host=host)
     await again.start()
     assert await again.run_until_settled() is Phase.UPDATED_NEED_REBOOT
     assert host.reboots == 1 and host.booted().label == "USR-B"

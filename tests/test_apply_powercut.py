@@ -166,7 +166,7 @@ def test_apply_survives_power_cuts(rig: Rig) -> None:
     # A restarted agent after a cut of the interrupted kind finishes the update.
     disk, config = _fresh_copy(rig, CUTS + 1)
     proc = _start(config)
-    _wait_for_event(proc, "install_start")
+    _wait_for_event(proc, "slot_mark_bad")  # just before the first write into the slot
     proc.kill()
     proc.wait(timeout=10)
     assert proc.stderr is not None

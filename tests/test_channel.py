@@ -255,7 +255,7 @@ def test_unsigned_refused_by_default_and_accepted_loudly_when_insecure(
     with pytest.raises(SignatureError, match="unsigned; refused"):
         fetch(url, keys)
     with structlog.testing.capture_logs() as logs:
-        rel = fetch(url, None, insecure_allow_unsigned=True)
+        rel = fetch(url, None, insecure=True)
     assert rel.key_id is None
     assert any(e["event"] == "MANIFEST_SIGNATURE_NOT_CHECKED" and e["log_level"] == "warning" for e in logs)
 
@@ -310,7 +310,7 @@ def test_bad_signature_and_bad_manifest_are_not_transient(served: tuple[FileServ
         fetch(srv.url("stable/manifest.json"), keys)
     (chan / "manifest.json").write_bytes(b"{}")
     with pytest.raises(ChannelError, match="missing") as bad_doc:
-        fetch(srv.url("stable/manifest.json"), None, insecure_allow_unsigned=True)
+        fetch(srv.url("stable/manifest.json"), None, insecure=True)
     assert not bad_sig.value.transient and not bad_doc.value.transient
 
 

@@ -143,4 +143,4 @@ def test_updatectl_entry_point_keeps_stdout_json(tmp_path: Path, image: Path) ->
                           str(tmp_path / "k")], capture_output=True, text=True)
     assert bad.returncode == 1 and bad.stdout == ""
     assert bad.stderr.strip().splitlines() == [f"error: {tmp_path / 'nowhere' / 'manifest.json'}: cannot read: "
-                                               "No such file or directory"]
+                                               "manifest not found"]

@@ -372,10 +372,12 @@ def test_windows_covering_everything_report_unbounded() -> None:
     assert not ws.is_open(at(7, 0, 30))
 
 
-def test_span_of_exactly_the_horizon_counts_as_unbounded() -> None:
-    # Windows on days 1..35 of a month, each a day long: a 35-day span from the 1st.
+def test_span_of_exactly_the_horizon_ends_there() -> None:
+    # Windows on days 1..35 of a month, each a day long: a 35-day span from the 1st. It is not
+    # running at t + OPEN_HORIZON, so it is bounded (issue 11, case 8: `<=`, not `<`).
     ws = parse_windows([{"cron": "0 0 1-31 1 *", "length": "24h"}, {"cron": "0 0 1-4 2 *", "length": "24h"}])
-    assert ws.current_window_end(datetime(2027, 1, 1, tzinfo=UTC)) == NEVER_CLOSES
+    assert ws.current_window_end(datetime(2027, 1, 1, tzinfo=UTC)) == datetime(2027, 2, 5, tzinfo=UTC)
+    assert ws.current_window_end(datetime(2026, 12, 31, 23, 59, tzinfo=UTC)) is None
     assert ws.current_window_end(datetime(2027, 1, 1, 0, 0, 1, tzinfo=UTC)) == datetime(2027, 2, 5, tzinfo=UTC)
     assert datetime(2027, 2, 5, tzinfo=UTC) - datetime(2027, 1, 1, tzinfo=UTC) == OPEN_HORIZON
 

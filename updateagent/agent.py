@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import os
 import random
 import threading
@@ -44,6 +45,9 @@ from updateagent.host import BootInfo, Host
 from updateagent.install import HttpOptions, InstallResult, InstallTarget, Progress
 from updateagent.slots import Slot, SlotRefused, SlotTable, slots_from_table
 from updateagent.state import AgentState, PendingUpdate, StateStore
+from updateagent.strategy import RebootRequest, RebootStrategy
+from updateagent.strategy.immediate import ImmediateRebootStrategy  # noqa: F401  (moved; importable here too)
+from updateagent.strategy.off import ReportOnlyStrategy
 
 log = get_logger("updateagent.agent")
 _T = TypeVar("_T")
@@ -146,19 +150,21 @@ class ChannelSource:
     """
 
     def __init__(self, manifest_url: str, key_paths: Iterable[Path], *, insecure: bool = False,
-                 **http: Unpack[HttpOptions]) -> None:
+                 deadline: float | None = None, **http: Unpack[HttpOptions]) -> None:
         from updateagent.signature import KeySet
 
         self.manifest_url = manifest_url
         self.insecure = insecure
+        self.deadline = deadline  # manifest + signature, seconds; None: channel.DEFAULT_FETCH_DEADLINE
         self.keys = None if insecure else KeySet.from_paths(list(key_paths))
         self.http = http
 
     async def check(self, current_version: str, deny: Iterable[str], allow_downgrade: bool) -> UpdateOffer:
         from updateagent import channel
 
+        deadline = channel.DEFAULT_FETCH_DEADLINE if self.deadline is None else self.deadline
         release = await _in_daemon_thread(
-            lambda: channel.fetch(self.manifest_url, self.keys, insecure_allow_unsigned=self.insecure)
+            lambda: channel.fetch(self.manifest_url, self.keys, insecure=self.insecure, deadline=deadline)
         )
         offer = channel.check(release, current_version, allow_downgrade=allow_downgrade, deny=list(deny))
         m = offer.manifest
@@ -171,45 +177,6 @@ class ChannelSource:
 
         release = offer.handle.release
         return await install_async(release.manifest, release.manifest_url, target, progress=progress, **self.http)
-
-
-@dataclass(frozen=True)
-class RebootRequest:
-    reason: str  # "update" | "rollback"
-    version: str  # the version the next boot should run
-    slot: str
-
-
-class RebootStrategy(Protocol):
-    """The hook the reboot coordinator plugs into. Called by the agent, never blocks it for long."""
-
-    async def reboot_needed(self, request: RebootRequest) -> None: ...
-
-    async def boot_settled(self, outcome: str, version: str) -> None:
-        """After-boot logic finished with ``outcome`` (see ``AgentState.last_boot_outcome``)."""
-        ...
-
-
-class ReportOnlyStrategy:
-    """REBOOT_STRATEGY=off (and, until the coordinator lands, etcd-lock): only report."""
-
-    async def reboot_needed(self, request: RebootRequest) -> None:
-        log.info("reboot_needed", reason=request.reason, version=request.version, slot=request.slot,
-                 strategy="report-only")
-
-    async def boot_settled(self, outcome: str, version: str) -> None:
-        log.info("boot_settled", outcome=outcome, version=version, strategy="report-only")
-
-
-class ImmediateRebootStrategy(ReportOnlyStrategy):
-    """REBOOT_STRATEGY=reboot: reboot as soon as an update (or rollback) is ready."""
-
-    def __init__(self, host: Host) -> None:
-        self.host = host
-
-    async def reboot_needed(self, request: RebootRequest) -> None:
-        await super().reboot_needed(request)
-        await self.host.reboot()
 
 
 # --------------------------------------------------------------------------- scheduling
@@ -423,6 +390,10 @@ class Agent:
         self.state = await asyncio.to_thread(self.store.load_or_reset, self._now())
         self.phase = Phase.STARTING
         log.info("agent_start", saved_status=self.state.status, current_version=self.state.current_version)
+        try:
+            await self.reboot_strategy.start()  # resumes a coordinated reboot in its own task
+        except Exception as exc:
+            log.error("reboot_strategy_failed", hook="start", error=str(exc))
 
     async def tick(self) -> None:
         """Run the current phase's handler once. Unexpected errors become an error report."""
@@ -726,6 +697,9 @@ class Agent:
     async def _tick_idle(self) -> None:
         if self._check_requested or self._check_due():
             self._check_requested = False
+            # update_engine's "last checked" counts every attempt, failed ones too; set before the
+            # transition so that the CHECKING signal carries it.
+            self.state = replace(self.state, last_checked_time=int(self._now()))
             self._transition(Phase.CHECKING_FOR_UPDATE)
 
     async def _tick_checking(self) -> None:
@@ -736,8 +710,6 @@ class Agent:
         current = self.state.current_version
         if not current:
             raise AgentStateError("the running version is unknown (no os-release VERSION_ID, no host.versions)")
-        # update_engine's "last checked" counts every attempt, failed ones too.
-        self.state = replace(self.state, last_checked_time=int(self._now()))
         try:
             offer = await self.source.check(current, [d.version for d in self.state.deny_list],
                                             self.allow_downgrade)
@@ -753,6 +725,10 @@ class Agent:
             self._event("update_refused", version=offer.version, detail="on the deny list")
             self._cycle_done()
             return
+        _, target = self._booted_slot()
+        if offer.size > target.size:  # the size is signed: refuse before any write to the disk
+            raise PayloadError(f"release {offer.version} does not fit: payload larger than the slot "
+                               f"(image is {offer.size} bytes, slot {target.name} holds {target.size})")
         self._offer = offer
         self.state = replace(self.state, new_version=offer.version, new_size=offer.size)
         self._event("update_available", version=offer.version, size=offer.size, current_version=current)
@@ -760,11 +736,6 @@ class Agent:
 
     async def _tick_update_available(self) -> None:
         _, target = self._booted_slot()
-        assert self.slots is not None
-        if target.priority > 0 or target.tries > 0 or target.successful:
-            # The slot is about to hold a half-written image: make sure nothing boots it meanwhile.
-            target = next(s for s in await asyncio.to_thread(self.slots.mark_bad, target.name)
-                          if s.name == target.name)
         self._target = target
         self.progress = 0.0
         self._transition(Phase.DOWNLOADING, slot=target.name, version=self.state.new_version)
@@ -791,8 +762,17 @@ class Agent:
                 self.progress = min(fraction, 1.0)
                 self._notify()
 
+        slots = self.slots
+
+        def unbootable() -> None:
+            # Runs in the installer's thread just before its first write: a refusal decided
+            # earlier (HTTP error, wrong Content-Length) leaves the slot's bits alone, and
+            # nothing boots a half-written image.
+            if target.priority > 0 or target.tries > 0 or target.successful:
+                slots.mark_bad(target.name)
+
         result = await self.source.install(
-            self._offer, InstallTarget(self.slots.disk, target.offset, target.size), on_progress
+            self._offer, InstallTarget(slots.disk, target.offset, target.size, unbootable), on_progress
         )
         count_received(result.downloaded)
         self.progress = 1.0
@@ -890,8 +870,10 @@ class Agent:
             self.next_check = self.schedule.next_check(now)
 
     def _cycle_done(self) -> None:
-        """The check found nothing to apply: back to idle until the next scheduled check."""
+        """The check found nothing to apply: back to idle until the next scheduled check. The check
+        itself worked, so an earlier error no longer describes the agent (the history keeps it)."""
         self._reschedule(backoff=False)
+        self.state = replace(self.state, last_error="")
         self._enter_idle()
 
     def _check_due(self) -> bool:
@@ -947,7 +929,7 @@ class Agent:
     def _event(self, name: str, **details: Any) -> None:
         now = self._now()
         self.state = self.state.record(name, now, **details)
-        log.info(name, **details)
+        log.log(_event_level(name, details), name, **details)
         _tell(self._event_listeners, AgentEvent(now, name, details), "event")
 
     def _now(self) -> float:
@@ -1010,6 +992,20 @@ async def _in_daemon_thread(fn: Callable[[], _T]) -> _T:
 
     threading.Thread(target=work, name="channel-fetch", daemon=True).start()
     return await future
+
+
+# Events logged above info; every other event is info. Errors at error, refusals and things that
+# were cut short or repaired (and will be retried or were recovered) at warning.
+_EVENT_LEVELS = {"error": logging.ERROR, "update_refused": logging.WARNING, "deny_skipped": logging.WARNING,
+                 "apply_interrupted": logging.WARNING, "gpt_repaired": logging.WARNING,
+                 "update_reverted": logging.WARNING}
+_BAD_BOOTS = ("health_check_failed", "rolled_back")
+
+
+def _event_level(name: str, details: Mapping[str, Any]) -> int:
+    if name == "boot_outcome" and details.get("outcome") in _BAD_BOOTS:
+        return logging.ERROR
+    return _EVENT_LEVELS.get(name, logging.INFO)
 
 
 def _tell(listeners: list[Callable[[Any], None]], value: Any, kind: str) -> None:

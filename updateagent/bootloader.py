@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from locksmith.files import InputFileError, read_bytes
 from locksmith.log import get_logger
 from updateagent import gpt
 from updateagent._atomic import write_atomic
@@ -146,14 +147,13 @@ def read_boot_record(path: str | os.PathLike[str]) -> BootRecord:
     """Read and validate a boot record written by ``EmulatedBootloader.boot``."""
     p = os.fspath(path)
     try:
-        with open(p, "rb") as f:
-            raw = f.read()
-    except OSError as exc:
-        raise BootRecordError(f"{p}: cannot read boot record: {exc.strerror}") from exc
+        raw = read_bytes(p, max_bytes=64 * 1024, what="boot record")
+    except InputFileError as exc:
+        raise BootRecordError(f"{p}: cannot read boot record: {exc.problem}") from exc
     try:
         data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BootRecordError(f"{p}: boot record is not valid JSON: {exc}") from exc
+    except (ValueError, RecursionError) as exc:  # also UnicodeDecodeError and int()'s digit limit
+        raise BootRecordError(f"{p}: boot record is not valid JSON: {str(exc).split(';')[0]}") from exc
     if not isinstance(data, dict):
         raise BootRecordError(f"{p}: boot record is {type(data).__name__}, expected a JSON object")
     version = _field(data, "format_version", p, int)

@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import re
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -20,7 +21,9 @@ from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import requests
+import urllib3
 
+from locksmith.files import InputFileError, InputFileNotFoundError, read_bytes
 from locksmith.log import get_logger
 from updateagent.errors import ChannelError, PayloadError, PolicyRefused, SignatureError
 from updateagent.signature import KeySet
@@ -34,11 +37,16 @@ SIGNATURE_SUFFIX = ".sig"
 MAX_MANIFEST_BYTES = 64 * 1024
 MAX_REDIRECTS = 5
 DEFAULT_TIMEOUT = (10.0, 30.0)  # (connect, read) seconds
+# The per-read timeout restarts with every byte: a server dripping one byte every few seconds
+# would hold a check forever. The manifest and its signature must both arrive within this.
+DEFAULT_FETCH_DEADLINE = 60.0
 USER_AGENT = "coreupdate-agent/0.1"
 
 # Used with fullmatch: `$` would also match before a trailing newline ("2.0.0\n").
 _VERSION_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
+# The agent's config key that accepts unsigned manifests: named in every refusal.
+INSECURE_HINT = "set channel.insecure = true in the agent config to accept"
 
 
 class NoUpdate(PolicyRefused):
@@ -127,7 +135,8 @@ class Manifest:
         return (json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n").encode()
 
     def payload_url(self, manifest_url: str) -> str:
-        """Resolve ``payload`` against the manifest's own URL (relative references allowed)."""
+        """Resolve ``payload`` against the manifest's URL (relative references allowed). For a
+        fetched manifest that is the URL that answered, after redirects (``ChannelRelease``)."""
         return urljoin(manifest_url, self.payload)
 
 
@@ -288,35 +297,66 @@ def is_html(resp: requests.Response) -> bool:
     return ctype in ("text/html", "application/xhtml+xml")
 
 
+def set_read_timeout(resp: requests.Response, seconds: float) -> None:
+    """Bound the next socket read of ``resp``'s body by ``seconds`` (the deadlines and the stall
+    rule shorten the read timeout fixed when the request was sent)."""
+    conn = getattr(resp.raw, "connection", None)
+    sock = getattr(conn, "sock", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.settimeout(max(seconds, 0.001))
+
+
 def _fetch_small(
-    session: requests.Session, url: str, what: str, timeout: tuple[float, float], *, missing_is_signature: bool
-) -> bytes:
+    session: requests.Session, url: str, what: str, timeout: tuple[float, float], deadline: float,
+    *, missing_is_signature: bool,
+) -> tuple[bytes, str]:
+    """GET ``url``: (body, the URL that answered after redirects). ``deadline`` is a
+    ``time.monotonic()`` instant the whole body must have arrived by."""
+    limit = f"{what} did not arrive within the fetch deadline"
     try:
-        with session.get(url, timeout=timeout, stream=True, headers={"Accept-Encoding": "identity"}) as resp:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise ChannelError(f"{url}: {limit}", transient=True)
+        with session.get(url, timeout=(min(timeout[0], left), min(timeout[1], left)), stream=True,
+                         headers={"Accept-Encoding": "identity"}) as resp:
+            final = resp.url or url
             if resp.status_code != 200:
-                msg = f"{url}: HTTP {resp.status_code} fetching the {what}"
+                msg = f"{final}: HTTP {resp.status_code} fetching the {what}"
                 if missing_is_signature and resp.status_code == 404:
-                    raise SignatureError(
-                        f"{msg}: the manifest is unsigned; refused (set insecure_allow_unsigned to accept)"
-                    )
+                    raise SignatureError(f"{msg}: the manifest is unsigned; refused ({INSECURE_HINT})")
                 raise ChannelError(msg, transient=transient_status(resp.status_code))
             if is_html(resp):
-                raise ChannelError(f"{url}: server answered with an HTML page (Content-Type text/html), "
+                raise ChannelError(f"{final}: server answered with an HTML page (Content-Type text/html), "
                                    f"not the {what}")
             declared = resp.headers.get("Content-Length")
             body = bytearray()
-            for chunk in resp.iter_content(16 * 1024):
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ChannelError(f"{final}: {limit} ({len(body)} bytes so far)", transient=True)
+                set_read_timeout(resp, min(timeout[1], left))
+                try:
+                    chunk = resp.raw.read1(16 * 1024, decode_content=False)
+                except (urllib3.exceptions.ReadTimeoutError, TimeoutError) as exc:
+                    if deadline - time.monotonic() <= 0:
+                        raise ChannelError(f"{final}: {limit} ({len(body)} bytes so far)", transient=True) from exc
+                    raise requests.exceptions.ReadTimeout(str(exc)) from exc
+                except urllib3.exceptions.ProtocolError as exc:
+                    raise requests.exceptions.ChunkedEncodingError(str(exc)) from exc
+                if not chunk:
+                    break
                 body += chunk
                 if len(body) > MAX_MANIFEST_BYTES:
-                    raise ChannelError(f"{url}: {what} is larger than {MAX_MANIFEST_BYTES} bytes")
+                    raise ChannelError(f"{final}: {what} is larger than {MAX_MANIFEST_BYTES} bytes")
     except requests.RequestException as exc:
         raise ChannelError(describe_request_error(url, exc),
                            transient=isinstance(exc, TRANSIENT_REQUEST_ERRORS)) from exc
     if declared is not None and declared.isdigit() and int(declared) != len(body):
         # What a connection cut short looks like when the transport did not notice.
-        raise ChannelError(f"{url}: wrong Content-Length: header says {declared}, body has {len(body)} bytes",
+        raise ChannelError(f"{final}: wrong Content-Length: header says {declared}, body has {len(body)} bytes",
                            transient=True)
-    return bytes(body)
+    return bytes(body), final
 
 
 @dataclass(frozen=True)
@@ -324,8 +364,8 @@ class ChannelRelease:
     """A manifest that passed signature verification and parsing, with where it came from."""
 
     manifest: Manifest
-    manifest_url: str  # URL, or a local path for a channel directory
-    key_id: str | None  # None only when accepted unsigned under insecure_allow_unsigned
+    manifest_url: str  # the URL that answered (after redirects), or a local path for a channel directory
+    key_id: str | None  # None only when accepted unsigned under channel.insecure
 
     @property
     def payload_url(self) -> str:
@@ -344,12 +384,11 @@ def _verify(data: bytes, sig: bytes | None, keys: KeySet | None, where: str, ins
         _log.warning(
             "MANIFEST_SIGNATURE_NOT_CHECKED",
             manifest=where,
-            reason="insecure_allow_unsigned is set: any server or network attacker can push any image",
+            reason="channel.insecure is set: any server or network attacker can push any image",
         )
         return None
     if sig is None:
-        raise SignatureError(f"{where}{SIGNATURE_SUFFIX}: missing; unsigned manifests are refused "
-                             "(set insecure_allow_unsigned to accept)")
+        raise SignatureError(f"{where}{SIGNATURE_SUFFIX}: missing; unsigned manifests are refused ({INSECURE_HINT})")
     if keys is None:
         raise SignatureError(f"{where}: no key set configured; cannot verify the signature")
     return keys.verify(data, sig, where + SIGNATURE_SUFFIX)
@@ -361,41 +400,55 @@ def fetch(
     *,
     session: requests.Session | None = None,
     timeout: tuple[float, float] = DEFAULT_TIMEOUT,
-    insecure_allow_unsigned: bool = False,
+    deadline: float = DEFAULT_FETCH_DEADLINE,
+    insecure: bool = False,
 ) -> ChannelRelease:
     """Fetch ``url`` (a manifest.json URL) and its ``.sig``, verify, parse.
 
+    Redirects are followed (at most ``MAX_REDIRECTS``), and, as browsers and curl do, what the
+    manifest refers to is resolved against the URL that answered: the signature is fetched from
+    that URL plus ``.sig`` and a relative ``payload`` is resolved against it. Both files must
+    arrive within ``deadline`` seconds together, however the server spaces its bytes.
+
     Raises SignatureError (bad, missing or untrusted signature) or ChannelError (unreachable,
-    HTML page, wrong Content-Length, redirect loop, malformed manifest); ``transient`` is set on
-    the errors worth retrying soon.
+    HTML page, wrong Content-Length, redirect loop, deadline passed, malformed manifest);
+    ``transient`` is set on the errors worth retrying soon.
     """
+    until = time.monotonic() + deadline
     with session_scope(session) as s:
-        data = _fetch_small(s, url, "manifest", timeout, missing_is_signature=False)
+        data, final = _fetch_small(s, url, "manifest", timeout, until, missing_is_signature=False)
         sig = None
-        if not insecure_allow_unsigned:
-            sig = _fetch_small(s, url + SIGNATURE_SUFFIX, "signature", timeout, missing_is_signature=True)
-    _refuse_markup(data, url)  # before the signature check, which would blame the signature
-    kid = _verify(data, sig, keys, url, insecure_allow_unsigned)
-    manifest = parse_manifest(data, url)
-    _log.info("manifest_fetched", url=url, version=str(manifest.version), key_id=kid)
-    return ChannelRelease(manifest, url, kid)
+        if not insecure:
+            sig, _ = _fetch_small(s, final + SIGNATURE_SUFFIX, "signature", timeout, until,
+                                  missing_is_signature=True)
+    _refuse_markup(data, final)  # before the signature check, which would blame the signature
+    kid = _verify(data, sig, keys, final, insecure)
+    manifest = parse_manifest(data, final)
+    if final != url:
+        _log.info("manifest_redirected", url=url, final_url=final)
+    _log.info("manifest_fetched", url=final, version=str(manifest.version), key_id=kid)
+    return ChannelRelease(manifest, final, kid)
 
 
 def load_dir(
-    channel_dir: str | os.PathLike[str], keys: KeySet | None, *, insecure_allow_unsigned: bool = False
+    channel_dir: str | os.PathLike[str], keys: KeySet | None, *, insecure: bool = False
 ) -> ChannelRelease:
     """Like :func:`fetch`, for a channel directory on local disk (publishing, verification)."""
     path = Path(channel_dir) / MANIFEST_NAME
     where = str(path)
     try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ChannelError(f"{where}: cannot read: {exc.strerror or exc}") from exc
+        data = read_bytes(path, max_bytes=MAX_MANIFEST_BYTES, what="manifest")
+    except InputFileError as exc:
+        raise ChannelError(f"{where}: cannot read: {exc.problem}") from None
     sig: bytes | None = None
-    sig_path = Path(where + SIGNATURE_SUFFIX)
-    if not insecure_allow_unsigned and sig_path.exists():
-        sig = sig_path.read_bytes()
-    kid = _verify(data, sig, keys, where, insecure_allow_unsigned)
+    if not insecure:
+        try:
+            sig = read_bytes(where + SIGNATURE_SUFFIX, max_bytes=MAX_MANIFEST_BYTES, what="signature")
+        except InputFileNotFoundError:
+            sig = None  # _verify names the missing signature
+        except InputFileError as exc:
+            raise SignatureError(str(exc)) from None
+    kid = _verify(data, sig, keys, where, insecure)
     return ChannelRelease(parse_manifest(data, where), where, kid)
 
 

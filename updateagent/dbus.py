@@ -130,6 +130,23 @@ class AgentInterface(ServiceInterface):
     def GetDenyList(self) -> StrList:
         return [entry.version for entry in self._agent.state.deny_list]
 
+    @method()
+    def GetCoordinator(self) -> Str:
+        """The reboot coordinator's state, status line and group view (docs/coordinator.md)."""
+        return json.dumps(self._agent.reboot_strategy.describe(), default=str)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def CoordinatorState(self) -> Str:
+        return str(self._agent.reboot_strategy.describe().get("state", ""))
+
+    @dbus_property(access=PropertyAccess.READ)
+    def CoordinatorStatus(self) -> Str:
+        return self._agent.reboot_strategy.status_text()
+
+    def coordinator_changed(self) -> None:
+        self.emit_properties_changed({"CoordinatorState": self.CoordinatorState,
+                                      "CoordinatorStatus": self.CoordinatorStatus})
+
     @dbus_property(access=PropertyAccess.READ)
     def Phase(self) -> Str:
         return self._agent.phase.value
@@ -178,16 +195,25 @@ class AgentInterface(ServiceInterface):
 
 async def connect(bus_address: str | None) -> MessageBus:
     """A connected bus: the system bus when ``bus_address`` is None."""
-    bus = MessageBus(bus_address=bus_address) if bus_address else MessageBus(bus_type=BusType.SYSTEM)
+    where = bus_address or "the system bus"
     try:
+        # The constructor parses the address: a malformed one fails here, not in connect().
+        bus = MessageBus(bus_address=bus_address) if bus_address else MessageBus(bus_type=BusType.SYSTEM)
         return await bus.connect()
     except Exception as exc:
-        where = bus_address or "the system bus"
         raise DBusServiceError(f"cannot connect to {where}: {exc}") from None
 
 
 class AgentService:
-    """Exports both interfaces for one agent and owns the bus name."""
+    """Exports both interfaces for one agent and owns the bus name.
+
+    If the bus goes away (dbus-daemon restarted or killed), the loss is logged at error and the
+    service reconnects, re-exports and re-acquires the name with a capped backoff, logging each
+    failed attempt; the agent keeps working meanwhile (without D-Bus).
+    """
+
+    RECONNECT_INITIAL = 1.0
+    RECONNECT_MAX = 30.0
 
     def __init__(self, agent: Agent, bus_address: str | None = None) -> None:
         self.agent = agent
@@ -196,8 +222,11 @@ class AgentService:
         self.manager = ManagerInterface(agent)
         self.agent_iface = AgentInterface(agent)
         self._last: tuple[Any, ...] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._stopping = False
 
-    async def start(self) -> None:
+    async def _attach(self) -> MessageBus:
+        """Connect, export both interfaces and own the name: a bus ready to serve."""
         bus = await connect(self.bus_address)
         bus.export(OBJECT_PATH, self.manager)
         bus.export(OBJECT_PATH, self.agent_iface)
@@ -209,9 +238,56 @@ class AgentService:
         if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
             bus.disconnect()
             raise DBusServiceError(f"cannot own {BUS_NAME}: another process holds it ({reply.name})")
-        self.bus = bus
+        return bus
+
+    async def start(self) -> None:
+        self.bus = await self._attach()
+        self._last = None
         self.agent.subscribe(self._on_status, self._on_event)
+        self.agent.reboot_strategy.subscribe(self._on_coordinator)
+        self._watcher = asyncio.ensure_future(self._watch(self.bus))
         log.info("dbus_ready", name=BUS_NAME, path=OBJECT_PATH, address=self.bus_address or "system")
+
+    async def _watch(self, bus: MessageBus) -> None:
+        """Notice the bus going away; reconnect until it is back (or the service stops)."""
+        while not self._stopping:
+            try:
+                # Shielded: cancelling this watcher (stop()) must not cancel the bus's own future.
+                await asyncio.shield(bus.wait_for_disconnect())
+                reason = "the bus closed the connection"
+            except Exception as exc:
+                reason = f"{type(exc).__name__}: {exc}" if str(exc) else f"connection closed ({type(exc).__name__})"
+            if self._stopping:
+                return
+            self.bus = None  # nothing more is sent on the dead connection
+            self._forget(bus)
+            log.error("dbus_connection_lost", address=self.bus_address or "system", error=reason,
+                      detail="serving D-Bus again once the bus is back; the agent keeps working meanwhile")
+            delay = self.RECONNECT_INITIAL
+            while not self._stopping:
+                await asyncio.sleep(delay)
+                if self._stopping:
+                    return
+                try:
+                    bus = await self._attach()
+                except DBusServiceError as exc:
+                    log.warning("dbus_reconnect_failed", error=str(exc), retry_in=min(delay * 2, self.RECONNECT_MAX))
+                    delay = min(delay * 2, self.RECONNECT_MAX)
+                    continue
+                self.bus = bus
+                self._last = None
+                log.warning("dbus_reconnected", name=BUS_NAME, address=self.bus_address or "system")
+                self._on_status(self.agent.status())
+                break
+
+    def _forget(self, bus: MessageBus) -> None:
+        """Drop a dead connection: unexport (signals would be written to its closed socket) and
+        close it, ignoring what a dead connection answers."""
+        for iface in (self.manager, self.agent_iface):
+            with contextlib.suppress(Exception):
+                bus.unexport(OBJECT_PATH, iface)
+        with contextlib.suppress(Exception):
+            bus.disconnect()
 
     def _on_status(self, snapshot: StatusSnapshot) -> None:
         if self.bus is None or not self.bus.connected:
@@ -223,16 +299,28 @@ class AgentService:
         self.manager.StatusUpdate(snapshot)
         self.agent_iface.properties_changed()
 
+    def _on_coordinator(self, _status: str) -> None:
+        if self.bus is not None and self.bus.connected:
+            self.agent_iface.coordinator_changed()
+
     def _on_event(self, event: AgentEvent) -> None:
         if self.bus is not None and self.bus.connected:
             self.agent_iface.Event(event)
 
     async def stop(self) -> None:
+        self._stopping = True
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._watcher
+            self._watcher = None
         if self.bus is not None:
             bus, self.bus = self.bus, None
+            if bus.connected:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(bus.release_name(BUS_NAME), 2)
             with contextlib.suppress(Exception):
-                await bus.release_name(BUS_NAME)
-            bus.disconnect()
+                bus.disconnect()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(bus.wait_for_disconnect(), 2)
 
@@ -295,6 +383,9 @@ class AgentClient:
 
     async def history(self, limit: int = 0) -> list[dict[str, Any]]:
         return json.loads((await self.call(AGENT_INTERFACE, "GetHistory", "u", [limit]))[0])
+
+    async def coordinator(self) -> dict[str, Any]:
+        return json.loads((await self.call(AGENT_INTERFACE, "GetCoordinator"))[0])  # type: ignore[no-any-return]
 
     async def deny_list(self) -> list[str]:
         return list((await self.call(AGENT_INTERFACE, "GetDenyList"))[0])

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from locksmith.files import InputFileError, read_text
 from locksmith.log import get_logger
 from updateagent.errors import UpdateAgentError
 
@@ -39,12 +40,71 @@ class BootInfo:
     label: str | None = None
 
 
+@dataclass(frozen=True)
+class Session:
+    """A logged-in session as logind's ``ListSessions`` gives it."""
+
+    id: str
+    uid: int
+    user: str
+    seat: str
+
+
 class Host(Protocol):
     def machine_id(self) -> str: ...
 
     def booted(self) -> BootInfo: ...
 
     async def reboot(self) -> None: ...
+
+    async def sessions(self) -> list[Session]:
+        """The logged-in sessions (logind ``ListSessions``); the coordinator postpones for them."""
+        ...
+
+
+_LOGIND_TIMEOUT = 25.0  # D-Bus' own default reply timeout
+
+
+async def _logind_call(bus_address: str | None, member: str, signature: str = "", body: list[object] | None = None
+                       ) -> list[object]:
+    """One call to ``org.freedesktop.login1.Manager``; HostError when logind refuses or is silent."""
+    from dbus_fast import BusType, Message, MessageType
+    from dbus_fast.aio import MessageBus
+
+    bus = MessageBus(bus_address=bus_address) if bus_address else MessageBus(bus_type=BusType.SYSTEM)
+    try:
+        async with asyncio.timeout(_LOGIND_TIMEOUT):
+            await bus.connect()
+            reply = await bus.call(Message(
+                destination="org.freedesktop.login1", path="/org/freedesktop/login1",
+                interface="org.freedesktop.login1.Manager", member=member, signature=signature, body=body or [],
+            ))
+    except TimeoutError:
+        raise HostError(f"logind did not answer {member} within {_LOGIND_TIMEOUT:g}s") from None
+    except Exception as exc:  # dbus-fast raises its own errors as well as OSError
+        raise HostError(f"cannot reach logind for {member}: {exc}") from None
+    finally:
+        bus.disconnect()
+    if reply is None or reply.message_type == MessageType.ERROR:
+        detail = reply.body[0] if reply is not None and reply.body else "no reply"
+        name = reply.error_name if reply is not None else "?"
+        raise HostError(f"logind refused {member}: {name}: {detail}")
+    return list(reply.body)
+
+
+async def logind_reboot(bus_address: str | None) -> None:
+    await _logind_call(bus_address, "Reboot", "b", [False])
+    log.info("reboot_requested", via="logind")
+
+
+async def logind_sessions(bus_address: str | None) -> list[Session]:
+    body = await _logind_call(bus_address, "ListSessions")
+    rows = body[0] if body else []
+    out = []
+    for row in rows if isinstance(rows, list) else []:
+        if isinstance(row, list) and len(row) >= 4:
+            out.append(Session(str(row[0]), int(row[1]), str(row[2]), str(row[3])))
+    return out
 
 
 def usr_partuuid_from_cmdline(cmdline: str, source: str = "/proc/cmdline") -> str:
@@ -80,8 +140,8 @@ def version_from_os_release(text: str) -> str | None:
 
 def _read_machine_id(path: Path) -> str | None:
     try:
-        text = path.read_text().strip()
-    except OSError:
+        text = read_text(path, max_bytes=4096, what="machine id file").strip()
+    except InputFileError:
         return None
     return text or None
 
@@ -110,53 +170,39 @@ class SystemHost:
 
     def booted(self) -> BootInfo:
         try:
-            cmdline = self.cmdline.read_text()
-        except OSError as exc:
-            raise HostError(f"{self.cmdline}: cannot read: {exc.strerror or exc}") from None
+            cmdline = read_text(self.cmdline, max_bytes=64 * 1024, what="kernel command line")
+        except InputFileError as exc:
+            raise HostError(f"{self.cmdline}: cannot read: {exc.problem}") from None
         partuuid = usr_partuuid_from_cmdline(cmdline, str(self.cmdline))
         try:
-            version = version_from_os_release(self.os_release.read_text())
-        except OSError:
+            version = version_from_os_release(read_text(self.os_release, max_bytes=64 * 1024, what="os-release"))
+        except InputFileError:
             version = None
         try:
-            boot_id = self.boot_id_file.read_text().strip()
-        except OSError as exc:
-            raise HostError(f"{self.boot_id_file}: cannot read: {exc.strerror or exc}") from None
+            boot_id = read_text(self.boot_id_file, max_bytes=4096, what="boot id").strip()
+        except InputFileError as exc:
+            raise HostError(f"{self.boot_id_file}: cannot read: {exc.problem}") from None
         return BootInfo(partuuid=partuuid, boot_id=boot_id, version=version)
 
     async def reboot(self) -> None:
-        from dbus_fast import BusType, Message, MessageType
-        from dbus_fast.aio import MessageBus
+        await logind_reboot(self.bus_address)
 
-        bus = MessageBus(bus_address=self.bus_address) if self.bus_address else MessageBus(bus_type=BusType.SYSTEM)
-        await bus.connect()
-        try:
-            reply = await bus.call(
-                Message(
-                    destination="org.freedesktop.login1",
-                    path="/org/freedesktop/login1",
-                    interface="org.freedesktop.login1.Manager",
-                    member="Reboot",
-                    signature="b",
-                    body=[False],
-                )
-            )
-        finally:
-            bus.disconnect()
-        if reply is None or reply.message_type == MessageType.ERROR:
-            detail = reply.body[0] if reply is not None and reply.body else "no reply"
-            name = reply.error_name if reply is not None else "?"
-            raise HostError(f"logind refused Reboot: {name}: {detail}")
-        log.info("reboot_requested", via="logind")
+    async def sessions(self) -> list[Session]:
+        return await logind_sessions(self.bus_address)
 
 
 class EmulatedHost:
     """A machine made of a disk image and the emulated bootloader's boot record."""
 
-    def __init__(self, disk: Path, boot_record: Path, *, machine_id_file: Path | None = None) -> None:
+    def __init__(self, disk: Path, boot_record: Path, *, machine_id_file: Path | None = None,
+                 logind: bool = False, bus_address: str | None = None) -> None:
         self.disk = disk
         self.boot_record = boot_record
         self.machine_id_file = machine_id_file
+        # logind: reboot and list sessions through logind on ``bus_address`` (a stand-in logind
+        # power-cycles the machine), as SystemHost does; else power-cycle in-process.
+        self.logind = logind
+        self.bus_address = bus_address
         self.reboots = 0
         self.rebooted = asyncio.Event()
 
@@ -182,6 +228,12 @@ class EmulatedHost:
         self.reboots += 1
 
     async def reboot(self) -> None:
+        if self.logind:
+            await logind_reboot(self.bus_address)
+            return
         await asyncio.to_thread(self.power_cycle)
         log.info("reboot_emulated", disk=str(self.disk), reboots=self.reboots)
+
+    async def sessions(self) -> list[Session]:
+        return await logind_sessions(self.bus_address) if self.logind else []
         self.rebooted.set()

@@ -6,8 +6,11 @@ download (worker thread, bounded queue) -> decompress (zlib / zstd streaming, bo
 Memory stays flat whatever the image size: at most ``QUEUE_DEPTH`` compressed chunks are in
 flight, every decompressor call produces at most ``CHUNK_SIZE`` bytes, and zstd frames needing a
 window above ``MAX_ZSTD_WINDOW`` are refused. A dropped connection resumes with an HTTP Range
-request. The installer never touches partition tables and never writes outside its range; the
-caller marks the slot bootable only after :func:`install` returned.
+request, and a connection that delivers less than ``stall_bytes`` in ``stall_seconds`` counts as
+broken. The installer never touches partition tables and never writes outside its range; it calls
+the target's ``prepare`` hook (the agent marks the slot unbootable there) just before its first
+write, so a refusal decided earlier leaves the slot alone. The caller marks the slot bootable only
+after :func:`install` returned.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from updateagent.channel import (
     is_html,
     require_compression,
     session_scope,
+    set_read_timeout,
     transient_status,
 )
 from updateagent.errors import DownloadError, PayloadError, UpdateAgentError
@@ -50,6 +54,10 @@ CHUNK_SIZE = 256 * 1024
 QUEUE_DEPTH = 8
 MAX_ZSTD_WINDOW = 32 * 1024 * 1024
 PROGRESS_INTERVAL = 0.25  # seconds between progress callbacks
+# The stall rule's defaults: a connection must deliver DEFAULT_STALL_BYTES within every
+# DEFAULT_STALL_SECONDS (about 1 KiB/s); a slower one is cut and resumed with a Range request.
+DEFAULT_STALL_BYTES = 64 * 1024
+DEFAULT_STALL_SECONDS = 60.0
 _CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
 
@@ -59,11 +67,16 @@ class InstallCancelled(UpdateAgentError):
 
 @dataclass(frozen=True)
 class InstallTarget:
-    """The inactive slot: ``size`` bytes at ``offset`` of ``path`` (a block device or a file)."""
+    """The inactive slot: ``size`` bytes at ``offset`` of ``path`` (a block device or a file).
+
+    ``prepare``, if given, runs once in the installer's thread just before the first byte is
+    written into the range; an exception from it aborts the install with nothing written.
+    """
 
     path: str | os.PathLike[str]
     offset: int
     size: int
+    prepare: Callable[[], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -92,14 +105,18 @@ class HttpOptions(TypedDict, total=False):
     """How the payload is fetched; every key is optional (defaults in brackets).
 
     ``session`` [a new one per install], ``max_retries`` [5] consecutive failed attempts without
-    progress, ``backoff`` [0.5] seconds before the first retry (doubling, at most 30), and
-    ``http_timeout`` [``channel.DEFAULT_TIMEOUT``] as (connect, read) seconds.
+    progress, ``backoff`` [0.5] seconds before the first retry (doubling, at most 30),
+    ``http_timeout`` [``channel.DEFAULT_TIMEOUT``] as (connect, read) seconds, and the stall rule:
+    a connection that delivers fewer than ``stall_bytes`` [64 KiB] within ``stall_seconds`` [60]
+    is cut and counts as a failed attempt without progress.
     """
 
     session: requests.Session | None
     max_retries: int
     backoff: float
     http_timeout: tuple[float, float]
+    stall_bytes: int
+    stall_seconds: float
 
 
 class _Reader(Protocol):
@@ -133,6 +150,8 @@ class _HttpSource:
         backoff: float,
         chunk_size: int,
         cancel: threading.Event,
+        stall_bytes: int = DEFAULT_STALL_BYTES,
+        stall_seconds: float = DEFAULT_STALL_SECONDS,
     ) -> None:
         self.url = url
         self.expected = expected
@@ -144,6 +163,8 @@ class _HttpSource:
         self._backoff = backoff
         self._chunk = chunk_size
         self._cancel = cancel
+        self._stall_bytes = stall_bytes
+        self._stall_seconds = stall_seconds
         self._stop = threading.Event()
         self._q: queue.Queue[object] = queue.Queue(maxsize=QUEUE_DEPTH)
         self._buf = memoryview(b"")
@@ -230,7 +251,9 @@ class _HttpSource:
                 if self.received < self.expected and not self._stopping():
                     raise _Retryable("body ended early (connection closed)")
             except _Retryable as exc:
-                failures = 0 if self.received > before else failures + 1
+                # A stalled connection's few bytes are no progress: a dripping server would
+                # otherwise be retried forever.
+                failures = 0 if self.received > before and not isinstance(exc, _Stalled) else failures + 1
                 if failures > self._max_retries:
                     # Only transient failures get here: the agent will try again later, with backoff.
                     raise DownloadError(
@@ -257,8 +280,25 @@ class _HttpSource:
         self._resp = resp
         try:
             skip = self._check_response(resp)
+            # The stall rule: every stall_bytes must arrive within stall_seconds of the previous ones.
+            window_start, window_bytes = time.monotonic(), 0
             try:
-                for chunk in resp.raw.stream(self._chunk, decode_content=False):
+                while True:
+                    left = window_start + self._stall_seconds - time.monotonic()
+                    if left <= 0:
+                        raise self._stalled(window_bytes)
+                    set_read_timeout(resp, min(self._timeout[1], left))
+                    try:
+                        chunk = resp.raw.read1(self._chunk, decode_content=False)
+                    except (urllib3.exceptions.ReadTimeoutError, TimeoutError):
+                        if window_start + self._stall_seconds - time.monotonic() <= 0.05:
+                            raise self._stalled(window_bytes) from None
+                        raise
+                    if not chunk:
+                        break
+                    window_bytes += len(chunk)
+                    if window_bytes >= self._stall_bytes:
+                        window_start, window_bytes = time.monotonic(), 0
                     if self._stopping():
                         return
                     if skip:
@@ -273,8 +313,11 @@ class _HttpSource:
                             f"compressed_size of {self.expected} bytes"
                         )
                     self.received += len(chunk)
+                    waited = time.monotonic()
                     if not self._put(chunk):
                         return
+                    # Time spent waiting for the slower disk is not the server's.
+                    window_start += time.monotonic() - waited
             except (urllib3.exceptions.HTTPError, OSError, requests.RequestException) as exc:
                 raise _Retryable(f"connection broke at byte {self.received}: {exc}") from exc
         finally:
@@ -323,8 +366,17 @@ class _HttpSource:
                 f"the manifest's compressed_size is {self.expected}")
 
 
+    def _stalled(self, window_bytes: int) -> _Stalled:
+        return _Stalled(f"stalled: {window_bytes} bytes in {self._stall_seconds:g}s, fewer than the "
+                        f"{self._stall_bytes} the stall rule asks for (at byte {self.received})")
+
+
 class _Retryable(Exception):
     pass
+
+
+class _Stalled(_Retryable):
+    """The connection delivers too slowly (the stall rule)."""
 
 
 class _FileSource:
@@ -432,10 +484,15 @@ class _SlotSink:
                 f"{target.path}: slot range {target.offset}+{target.size} extends past the end ({end} bytes)"
             )
         self._pos = 0
+        self._prepared = target.prepare is None
 
     def write(self, data: bytes) -> None:
         if self._pos + len(data) > self.target.size:  # belt and braces: never leave the range
             raise PayloadError(f"{self.target.path}: write would leave the slot range")
+        if not self._prepared:
+            assert self.target.prepare is not None
+            self.target.prepare()
+            self._prepared = True
         view = memoryview(data)
         while view:
             n = os.pwrite(self._fd, view, self.target.offset + self._pos)
@@ -542,7 +599,9 @@ def _source(
     if url.startswith(("http://", "https://")):
         return _HttpSource(session, url, manifest.compressed_size, timeout=http.get("http_timeout", DEFAULT_TIMEOUT),
                            max_retries=http.get("max_retries", 5), backoff=http.get("backoff", 0.5),
-                           chunk_size=CHUNK_SIZE, cancel=cancel)
+                           chunk_size=CHUNK_SIZE, cancel=cancel,
+                           stall_bytes=http.get("stall_bytes", DEFAULT_STALL_BYTES),
+                           stall_seconds=http.get("stall_seconds", DEFAULT_STALL_SECONDS))
     if "://" in url:
         raise DownloadError(f"{url}: only http, https and local paths are supported")
     return _FileSource(Path(url), manifest.compressed_size)

@@ -151,8 +151,9 @@ def build_release(
     data = manifest.to_bytes()
     manifest_path = out / MANIFEST_NAME
     sig_path = out / (MANIFEST_NAME + SIGNATURE_SUFFIX)
-    write_atomic(manifest_path, data)
-    write_atomic(sig_path, sign(private, data))
+    # Published: a web server running as another user must be able to read them.
+    write_atomic(manifest_path, data, private=False)
+    write_atomic(sig_path, sign(private, data), private=False)
     kid = key_id(private.public_key())
     _log.info("release_built", version=str(ver), channel_dir=str(out), payload=payload_name, size=size,
               compressed_size=compressed_size, key_id=kid)

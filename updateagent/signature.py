@@ -25,6 +25,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from locksmith.files import InputFileError, read_bytes
 from locksmith.log import get_logger
 from updateagent.errors import SignatureError
 
@@ -83,13 +84,9 @@ def generate_keypair(out_dir: str | os.PathLike[str], name: str = "release") -> 
 
 def _read_small(path: Path, what: str) -> bytes:
     try:
-        with path.open("rb") as f:
-            data = f.read(_MAX_KEY_FILE + 1)
-    except OSError as exc:
-        raise SignatureError(f"{path}: cannot read {what}: {exc.strerror or exc}") from exc
-    if len(data) > _MAX_KEY_FILE:
-        raise SignatureError(f"{path}: {what} file is larger than {_MAX_KEY_FILE} bytes")
-    return data
+        return read_bytes(path, max_bytes=_MAX_KEY_FILE, what=f"{what} file")
+    except InputFileError as exc:
+        raise SignatureError(str(exc)) from None
 
 
 def _b64_exact(text: str, length: int, where: str, what: str) -> bytes:

@@ -13,12 +13,14 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from locksmith.files import InputFileError, InputFileNotFoundError, read_text
 from locksmith.log import get_logger
 from updateagent._atomic import write_atomic
 from updateagent.errors import UpdateAgentError
 
 FORMAT_VERSION = 1
 HISTORY_LIMIT = 200
+_MAX_STATE_BYTES = 4 << 20  # a full history is well under 1 MiB
 
 log = get_logger("updateagent.state")
 
@@ -165,15 +167,17 @@ class StateStore:
     def load(self) -> AgentState:
         """The saved state, or a fresh one if there is none. Raises StateError if it is unreadable."""
         try:
-            text = self.path.read_text(encoding="utf-8")
-        except FileNotFoundError:
+            text = read_text(self.path, max_bytes=_MAX_STATE_BYTES, what="state file")
+        except InputFileNotFoundError:
             return AgentState()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise StateError(f"{self.path}: cannot read: {exc}") from None
+        except InputFileError as exc:
+            raise StateError(f"{self.path}: cannot read: {exc.problem}") from None
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise StateError(f"{self.path}: invalid JSON: {exc}") from None
+        except (ValueError, RecursionError) as exc:  # int()'s digit limit; nesting beyond the stack
+            raise StateError(f"{self.path}: invalid JSON: {str(exc).split(';')[0] or 'nested too deeply'}") from None
         return AgentState.from_json(data, str(self.path))
 
     def load_or_reset(self, now: float) -> AgentState:

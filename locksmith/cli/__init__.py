@@ -1,8 +1,11 @@
 """locksmithctl: the operators' CLI. Global options here; command groups in sibling modules.
 
 Every option can also come from ``LOCKSMITHCTL_<OPTION>`` (e.g. LOCKSMITHCTL_ENDPOINT,
-LOCKSMITHCTL_ETCD_CAFILE, LOCKSMITHCTL_GROUP), as in locksmith. Exit codes: 0 success, 1 failure,
-2 usage. Failures are one line on stderr, never a traceback.
+LOCKSMITHCTL_ETCD_CAFILE, LOCKSMITHCTL_GROUP), as in locksmith. Global options may also follow the
+subcommand (``locksmithctl status -o json``), as etcdctl and kubectl users type them, unless the
+subcommand has an option of the same name (``log --group``), which then wins. Exit codes: 0
+success, 1 failure, 2 usage. stdout carries only the output; logs go to stderr (warnings and
+errors, more with ``-v``), and a failure is one line on stderr, never a traceback.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
+from locksmith import log
 from locksmith.errors import InvalidArgumentError, LocksmithError
 from locksmith.etcd import DEFAULT_ENDPOINT, Etcd, EtcdConfig
 from locksmith.keys import DEFAULT_PREFIX, check_group
@@ -87,7 +91,85 @@ def _split_endpoints(values: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(out) or (DEFAULT_ENDPOINT,)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "LOCKSMITHCTL"})
+class _Cli(click.Group):
+    """The top-level group: global options found after the subcommand are moved before it."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, hoist_global_options(self, ctx, args))
+
+
+def _option_names(params: list[click.Parameter]) -> dict[str, bool]:
+    """Each option string of ``params`` and whether it takes a value."""
+    out: dict[str, bool] = {}
+    for p in params:
+        if isinstance(p, click.Option):
+            for name in (*p.opts, *p.secondary_opts):
+                out[name] = not (p.is_flag or p.count)
+    return out
+
+
+def _match(token: str, names: dict[str, bool]) -> tuple[str, bool] | None:
+    """The option ``token`` names (``--output``, ``--output=json``, ``-o``, ``-ojson``) and whether
+    its value is in the token itself."""
+    if token in names:
+        return token, False
+    if token.startswith("--") and "=" in token:
+        name = token.split("=", 1)[0]
+        return (name, True) if name in names else None
+    if len(token) > 2 and token[0] == "-" and token[1] != "-" and token[:2] in names:
+        if names[token[:2]]:
+            return token[:2], True
+        if all(names.get(f"-{c}") is False for c in token[1:]):  # -vv: flags run together
+            return token[:2], True
+    return None
+
+
+def hoist_global_options(group: click.Group, ctx: click.Context, args: list[str]) -> list[str]:
+    """``args`` with the group's own options that follow the (sub)command moved before it."""
+    globals_ = _option_names(group.params)
+    i = 0
+    while i < len(args) and args[i].startswith("-") and args[i] != "--":
+        m = _match(args[i], globals_)
+        i += 2 if m is not None and globals_[m[0]] and not m[1] else 1
+    head, rest = args[:i], args[i:]
+    path: list[str] = []
+    cmd: click.Command | None = group
+    while isinstance(cmd, click.Group) and rest and not rest[0].startswith("-"):
+        sub = cmd.get_command(ctx, rest[0])
+        if sub is None:
+            break
+        path.append(rest.pop(0))
+        cmd = sub
+    if not path or cmd is None:
+        return args
+    local = _option_names(cmd.params)
+    hoisted: list[str] = []
+    kept: list[str] = []
+    j = 0
+    while j < len(rest):
+        tok = rest[j]
+        if tok == "--":
+            kept += rest[j:]
+            break
+        own = _match(tok, local)
+        if own is not None:
+            take = 2 if local[own[0]] and not own[1] else 1
+            kept += rest[j:j + take]
+            j += take
+            continue
+        m = _match(tok, globals_)
+        if m is not None:
+            take = 2 if globals_[m[0]] and not m[1] else 1
+            hoisted += rest[j:j + take]
+            j += take
+            continue
+        kept.append(tok)
+        j += 1
+    return head + hoisted + path + kept
+
+
+@click.group(cls=_Cli,
+             context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "LOCKSMITHCTL"})
 # auto_envvar_prefix would derive LOCKSMITHCTL_ENDPOINTS from the parameter name; locksmith's is _ENDPOINT.
 @click.option("--endpoint", "endpoints", multiple=True, default=(DEFAULT_ENDPOINT,), show_default=True,
               envvar="LOCKSMITHCTL_ENDPOINT", show_envvar=True,
@@ -100,11 +182,14 @@ def _split_endpoints(values: tuple[str, ...]) -> tuple[str, ...]:
 @click.option("--group", default="default", show_default=True, help="Reboot group.")
 @click.option("--prefix", default=DEFAULT_PREFIX, show_default=True, help="etcd key prefix.")
 @click.option("--output", "-o", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.option("--verbose", "-v", count=True, help="Log more on stderr: -v info, -vv debug (default: warnings).")
 @click.pass_context
 def main(ctx: click.Context, endpoints: tuple[str, ...], etcd_cafile: str | None, etcd_certfile: str | None,
          etcd_keyfile: str | None, etcd_username: str | None, etcd_password: str | None, group: str,
-         prefix: str, output: str) -> None:
+         prefix: str, output: str, verbose: int) -> None:
     """Operate the cluster's reboot coordination in etcd v3."""
+    # stdout is for the output alone (``-o json`` must parse): every log line goes to stderr.
+    log.configure("DEBUG" if verbose >= 2 else "INFO" if verbose == 1 else "WARNING", stream=sys.stderr)
     try:
         check_group(group)
         cfg = EtcdConfig(
@@ -117,7 +202,7 @@ def main(ctx: click.Context, endpoints: tuple[str, ...], etcd_cafile: str | None
     ctx.obj = CliContext(cfg, group, prefix, output)
 
 
-for _name in ("slots", "status", "policycmds", "simulate"):
+for _name in ("slots", "status", "policycmds", "simulate", "fleetlock"):
     try:
         importlib.import_module(f"locksmith.cli.{_name}")
     except ModuleNotFoundError as _exc:

@@ -37,6 +37,7 @@ from locksmith.policystore import (
     reset_failures,
     resume,
 )
+from locksmith.windows import WindowError
 
 # -- helpers -------------------------------------------------------------------------------------
 
@@ -390,14 +391,19 @@ async def _policy_status(etcd: Etcd, state: Any, status: dict[str, Any]) -> None
     info["failures"] = await budget.count_failures(etcd, group, prefix=prefix)
     if policy is not None:
         info["failure_budget"] = policy.failure_budget
-        ws = policy.window_set()
-        is_open = ws.is_open(now)
-        end = ws.current_window_end(now) if is_open else None
-        nxt = None if is_open else ws.next_open(now)
-        info["window"] = {
-            "always_open": not policy.windows, "open": is_open,
-            "closes": _iso(end), "next_open": _iso(nxt),
-        }
+        try:
+            ws = policy.window_set()
+            is_open = ws.is_open(now)
+            end = ws.current_window_end(now) if is_open else None
+            nxt = None if is_open else ws.next_open(now)
+            info["window"] = {
+                "always_open": not policy.windows, "open": is_open,
+                "closes": _iso(end), "next_open": _iso(nxt),
+            }
+        except WindowError as exc:
+            # e.g. time_zone = "localtime" and this machine's TZ is unusable: only the window
+            # line is unknown, the rest of the status still holds.
+            info["window"] = {"error": str(exc)}
     info["overdue"] = [h["id"] for h in status.get("holders", []) if h.get("overdue")]
     status["policy"] = info
 
@@ -426,7 +432,9 @@ def _policy_status_lines(status: dict[str, Any]) -> list[str]:
         lines.append(f"Paused: {pause_info.get('source', 'operator')}{who}: {why}")
     w = info.get("window")
     if w:
-        if w["always_open"]:
+        if w.get("error"):
+            lines.append(f"Window: unknown ({w['error']})")
+        elif w["always_open"]:
             lines.append("Window: always open")
         elif w["open"]:
             lines.append(f"Window: open until {_short(w['closes']) or 'further notice'}")

@@ -14,9 +14,30 @@ from updateagent.errors import UpdateAgentError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+OUTPUTS = ("text", "json")
+
+
+def inherited(name: str, default: Any = None) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    """An option callback: the value given after the subcommand wins, else the same option given
+    before it (on the command group), else ``default``. So ``updatectl status -o json`` and
+    ``updatectl -o json status`` mean the same, as kubectl and etcdctl users expect."""
+
+    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        if value is not None:
+            return value
+        parent = ctx.parent
+        while parent is not None:
+            if parent.params.get(name) is not None:
+                return parent.params[name]
+            parent = parent.parent
+        return default
+
+    return callback
+
+
 output_option = click.option(
-    "--output", "-o", type=click.Choice(["text", "json"]), default="text", show_default=True,
-    help="Result format.",
+    "--output", "-o", type=click.Choice(OUTPUTS), default=None, callback=inherited("output", "text"),
+    help="Result format: text (default) or json.",
 )
 
 

@@ -11,13 +11,13 @@ from typing import Any, TypeVar
 import click
 
 from updateagent.cli import main
-from updateagent.cli._common import emit, emit_json, fail_cleanly, output_option
+from updateagent.cli._common import emit, emit_json, fail_cleanly, inherited, output_option
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
 
 _bus = click.option(
-    "--bus-address", envvar="UPDATECTL_BUS_ADDRESS", default=None, metavar="ADDRESS",
+    "--bus-address", default=None, metavar="ADDRESS", callback=inherited("bus_address"),
     help="D-Bus address of the agent's bus (default: the system bus; env UPDATECTL_BUS_ADDRESS).",
 )
 
@@ -85,6 +85,7 @@ def status_cmd(bus_address: str | None, output: str) -> None:
             "status": _status_doc(await client.get_status()),
             "details": await client.details(),
             "slots": await client.slots(),
+            "coordinator": await client.coordinator(),
         }
 
     doc = _run(bus_address, body)
@@ -107,10 +108,19 @@ def _status_text(doc: dict[str, Any]) -> str:
         f"Last boot:        {d['last_boot_outcome'] or '-'}",
         f"Last error:       {d['last_error'] or '-'}",
         f"Deny list:        {', '.join(e['version'] for e in d['deny_list']) or '-'}",
+        *_coordinator_lines(doc.get("coordinator")),
         "",
         *_slot_lines(doc["slots"]),
     ]
     return "\n".join(lines)
+
+
+def _coordinator_lines(c: dict[str, Any] | None) -> list[str]:
+    if not c:
+        return []
+    group = f", group {c['group']}" if c.get("group") else ""
+    return [f"Reboot:           {c.get('status', '-')}",
+            f"Coordinator:      {c.get('state', '-')} ({c.get('strategy', '-')}{group}) since {c.get('since') or '-'}"]
 
 
 @_agent_command("slots")
@@ -157,13 +167,19 @@ def reset_cmd(bus_address: str | None, output: str) -> None:
 @click.option("--timeout", type=click.FloatRange(min=1), default=3600, show_default=True,
               help="Seconds to wait for the check (and apply) to finish.")
 def check_cmd(timeout: float, bus_address: str | None, output: str) -> None:
-    """Check for an update now; follow the download and apply with a progress bar."""
+    """Check for an update now; follow the download and apply with a progress bar.
+
+    Results (``--output json`` field ``result``): ``update_applied``, ``no_update``, ``refused``
+    (the channel offers a release this node will not take: a downgrade, a denied version, one
+    that needs a newer running version; ``reason`` says which; exit status 0), ``error`` and
+    ``not_started`` (exit status 1)."""
     show_bar = output == "text" and sys.stdout.isatty()
 
     async def body(client: Any) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[tuple[int, float, str, str, int]] = loop.create_future()
         seen: list[str] = []
+        refused: list[str] = []
         bar: Any = None
         shown = [0]
 
@@ -194,7 +210,12 @@ def check_cmd(timeout: float, bus_address: str | None, output: str) -> None:
                 # a rollback waits): the agent dropped the request, the check will never come.
                 done.set_result(st)
 
-        await client.subscribe(on_status)
+        def on_event(name: str, details: dict[str, Any]) -> None:
+            # Sent before the agent goes back to IDLE (signals keep their order): known by then.
+            if name == "update_refused" and "UPDATE_STATUS_CHECKING_FOR_UPDATE" in seen:
+                refused.append(str(details.get("detail") or "refused by policy"))
+
+        await client.subscribe(on_status, on_event)
         accepted = await client.check()
         if not accepted:
             current = await client.get_status()
@@ -209,9 +230,12 @@ def check_cmd(timeout: float, bus_address: str | None, output: str) -> None:
         result = {
             "UPDATE_STATUS_UPDATED_NEED_REBOOT": "update_applied",
             "UPDATE_STATUS_REPORTING_ERROR_EVENT": "error",
-        }.get(final[2], "no_update")
-        return {"result": result, "status": _status_doc(final), "error": details["last_error"] if result == "error"
-                else "", "operations": seen}
+        }.get(final[2], "refused" if refused else "no_update")
+        doc = {"result": result, "status": _status_doc(final), "error": details["last_error"] if result == "error"
+               else "", "operations": seen}
+        if result == "refused":
+            doc["reason"] = refused[-1]
+        return doc
 
     try:
         doc = _run(bus_address, body)
@@ -235,6 +259,8 @@ def check_cmd(timeout: float, bus_address: str | None, output: str) -> None:
         click.echo(f"update {doc['status']['new_version']} applied; reboot to use it")
     elif doc["result"] == "no_update":
         click.echo("no update available")
+    elif doc["result"] == "refused":
+        click.echo(f"update refused: {doc['reason']}")
     else:
         click.echo(f"updatectl: check failed: {doc['error']}", err=True)
     if doc["result"] == "error" or (

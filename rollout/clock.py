@@ -1,0 +1,177 @@
+"""Virtual time for the simulator: a ``locksmith.clock.Clock`` that flows at a fixed rate while the
+fleet works and jumps to the next timer when the whole fleet is parked.
+
+A fixed time scale alone makes every real millisecond of etcd and agent work cost ``scale``
+virtual milliseconds, and it spends the same real time on a closed window's night as on a busy
+hour. Here virtual time has two parts:
+
+- it *flows* at ``rate`` virtual seconds per real second, always: real latencies (etcd round
+  trips, a hand-off, the agent's download and health checks) cost ``rate`` × their real duration,
+  and the report shows that sum (``flowed``);
+- it *jumps* to the earliest pending ``sleep`` deadline when the ``Pacer`` sees every host parked
+  (waiting on this clock or on another host, nothing in flight) for a settle period: a closed
+  window, a reboot's down time or a cooldown cost no real time at all (``jumped``).
+
+So the simulated timeline is that of a discrete-event simulation, except that real work is never
+free: a design whose hand-off takes 50 ms pays 50 ms × rate per hand-off in the makespan.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import time
+from collections.abc import Callable
+from datetime import datetime, timedelta
+
+
+class VirtualClock:
+    """``now()`` = ``start`` + elapsed virtual seconds. One per simulation, one event loop."""
+
+    def __init__(self, start: datetime, *, rate: float = 20.0) -> None:
+        if start.utcoffset() is None:
+            raise ValueError("the virtual start time must be timezone-aware")
+        if rate <= 0:
+            raise ValueError(f"rate must be positive, got {rate}")
+        self.start = start
+        self.rate = rate
+        self._base_virtual = 0.0
+        self._base_real = time.monotonic()
+        self.jumped = 0.0  # virtual seconds skipped by jumps
+        self.jumps = 0
+        self._heap: list[list[object]] = []  # [deadline, seq, future]
+        self._seq = itertools.count()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = float("inf")
+
+    # -- Clock ---------------------------------------------------------------------------------
+
+    def elapsed(self) -> float:
+        """Virtual seconds since ``start``."""
+        return self._base_virtual + (time.monotonic() - self._base_real) * self.rate
+
+    def now(self) -> datetime:
+        return self.start + timedelta(seconds=self.elapsed())
+
+    def monotonic(self) -> float:
+        return self.elapsed()
+
+    async def sleep(self, seconds: float) -> None:
+        if seconds <= 0:
+            await asyncio.sleep(0)
+            return
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        heapq.heappush(self._heap, [self.elapsed() + seconds, next(self._seq), fut])
+        self._arm()
+        try:
+            await fut
+        finally:
+            if not fut.done():
+                fut.cancel()  # a cancelled sleeper stays in the heap, skipped when it comes up
+
+    # -- the simulator's side ------------------------------------------------------------------
+
+    @property
+    def flowed(self) -> float:
+        """Virtual seconds that passed at ``rate`` (real time spent working × rate)."""
+        return self.elapsed() - self.jumped
+
+    def next_deadline(self) -> float | None:
+        """The earliest pending sleep's deadline (virtual elapsed seconds), or None."""
+        while self._heap and self._heap[0][2].done():  # type: ignore[union-attr]
+            heapq.heappop(self._heap)
+        return float(self._heap[0][0]) if self._heap else None  # type: ignore[arg-type]
+
+    def last_deadline_before(self, bound: float) -> float:
+        """The latest pending deadline that is at most ``bound`` (a jump there fires every timer
+        up to it, each at most ``quantum`` late, in one go)."""
+        best = None
+        for deadline, _, fut in self._heap:
+            if not fut.done() and float(deadline) <= bound:  # type: ignore[union-attr, arg-type]
+                best = float(deadline) if best is None else max(best, float(deadline))  # type: ignore[arg-type]
+        return best if best is not None else bound
+
+    def sleepers(self) -> int:
+        return sum(1 for e in self._heap if not e[2].done())  # type: ignore[union-attr]
+
+    def jump_to(self, elapsed: float) -> float:
+        """Move virtual time forward to ``elapsed`` (never back); returns the seconds skipped."""
+        current = self.elapsed()
+        if elapsed <= current:
+            return 0.0
+        self._base_virtual = elapsed
+        self._base_real = time.monotonic()
+        skipped = elapsed - current
+        self.jumped += skipped
+        self.jumps += 1
+        self._fire()
+        return skipped
+
+    def _arm(self) -> None:
+        deadline = self.next_deadline()
+        if deadline is None or deadline >= self._timer_at and self._timer is not None:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        loop = asyncio.get_running_loop()
+        self._timer_at = deadline
+        self._timer = loop.call_later(max(deadline - self.elapsed(), 0.0) / self.rate, self._fire)
+
+    def _fire(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = None
+        self._timer_at = float("inf")
+        now = self.elapsed() + 1e-9
+        while self._heap and (self._heap[0][2].done() or float(self._heap[0][0]) <= now):  # type: ignore
+            _, _, fut = heapq.heappop(self._heap)
+            if not fut.done():  # type: ignore[union-attr]
+                fut.set_result(None)  # type: ignore[union-attr]
+        if self._heap:
+            self._arm()
+
+
+class Pacer:
+    """Jumps the clock when the fleet is parked.
+
+    ``parked()`` is the simulator's judgement that no host can make progress before a timer
+    fires: every host is powered down, waiting for a window, a cooldown, a retry or its next
+    check, or queued behind a full (or paused) group, and etcd has been quiet. It must hold for
+    ``settle`` real seconds in a row, so a host that a timer has just woken is seen busy before
+    the next jump. Timers less than ``quantum`` virtual seconds after the earliest one fire in the
+    same jump (each at most ``quantum`` late): periodic re-checks of many hosts then cost one
+    jump, not one each. ``limit`` (virtual elapsed seconds) bounds the jumps: the run's horizon.
+    """
+
+    def __init__(self, clock: VirtualClock, parked: Callable[[], bool], *, settle: float = 0.02,
+                 poll: float = 0.005, limit: float | None = None, quantum: float = 0.0) -> None:
+        self.clock = clock
+        self.parked = parked
+        self.settle = settle
+        self.poll = poll
+        self.limit = limit
+        self.quantum = quantum
+
+    async def run(self) -> None:
+        quiet_since: float | None = None
+        while True:
+            await asyncio.sleep(self.poll)
+            if not self.parked():
+                quiet_since = None
+                continue
+            real = time.monotonic()
+            if quiet_since is None:
+                quiet_since = real
+                continue
+            if real - quiet_since < self.settle:
+                continue
+            deadline = self.clock.next_deadline()
+            if deadline is None:
+                continue
+            deadline = self.clock.last_deadline_before(deadline + self.quantum)
+            if self.limit is not None:
+                deadline = min(deadline, self.limit)
+            self.clock.jump_to(deadline)
+            quiet_since = None

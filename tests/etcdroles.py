@@ -1,0 +1,36 @@
+"""The etcd users and roles of docs/security.md, set up with etcdctl exactly as documented
+(tests/test_security_doc.py checks the document shows these commands)."""
+
+from __future__ import annotations
+
+from locksmith.embedded import EmbeddedEtcd
+from locksmith.keys import DEFAULT_PREFIX
+
+PASSWORDS = {"root": "root-pw-1", "agent": "agent-pw-2", "operator": "operator-pw-3", "intruder": "intruder-pw-4"}
+
+# (arguments to etcdctl) in order; "{prefix}" and "{<user>_password}" are filled in.
+ROLE_COMMANDS: tuple[tuple[str, ...], ...] = (
+    ("role", "add", "agent"),
+    ("role", "grant-permission", "agent", "--prefix=true", "readwrite", "{prefix}"),
+    ("role", "add", "operator"),
+    ("role", "grant-permission", "operator", "--prefix=true", "readwrite", "{prefix}"),
+    ("user", "add", "agent", "--new-user-password={agent_password}", "--interactive=false"),
+    ("user", "grant-role", "agent", "agent"),
+    ("user", "add", "operator", "--new-user-password={operator_password}", "--interactive=false"),
+    ("user", "grant-role", "operator", "operator"),
+)
+# A user with no role at all: what a stolen but unprivileged credential looks like.
+INTRUDER = ("user", "add", "intruder", "--new-user-password={intruder_password}", "--interactive=false")
+
+
+def _fill(args: tuple[str, ...], prefix: str) -> list[str]:
+    values = {"prefix": prefix, **{f"{u}_password": p for u, p in PASSWORDS.items()}}
+    return [a.format(**values) for a in args]
+
+
+def setup_roles(server: EmbeddedEtcd, prefix: str = DEFAULT_PREFIX) -> None:
+    """Create the agent and operator roles and users and a role-less intruder, then turn auth on
+    with a root user (``server.config()`` then logs in as root)."""
+    for args in (*ROLE_COMMANDS, INTRUDER):
+        server.etcdctl(*_fill(args, prefix))
+    server.enable_auth(PASSWORDS["root"])

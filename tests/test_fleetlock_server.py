@@ -1,0 +1,262 @@
+"""The FleetLock server against the protocol's curl cases: real HTTP requests to a real server on
+127.0.0.1 over the embedded etcd. Each case checks the status, the JSON kind, and etcd's revision:
+unchanged, except where the request must write (a grant, a release, a place in line)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import ssl
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import aiohttp
+import pytest
+from fleetlockrig import HEADERS, apply, body, call, keys, pre_reboot, running, steady_state
+
+from locksmith import audit
+from locksmith.etcd import Etcd, EtcdConfig
+from locksmith.keys import Layout
+from locksmith.policystore import pause
+
+GROUP = "workers"
+
+
+@pytest.fixture
+async def session() -> aiohttp.ClientSession:
+    async with aiohttp.ClientSession() as s:
+        yield s
+
+
+async def _unchanged(etcd: Etcd, before: int) -> None:
+    assert await etcd.revision() == before
+
+
+@pytest.mark.parametrize(("case", "path", "method", "headers", "data", "status", "kind"), [
+    ("missing header", "/v1/pre-reboot", "POST", {}, body("a", GROUP), 400, "bad_header"),
+    ("wrong header value", "/v1/pre-reboot", "POST", {"fleet-lock-protocol": "yes"}, body("a", GROUP), 400,
+     "bad_header"),
+    ("invalid JSON", "/v1/pre-reboot", "POST", HEADERS, b'{"client_params": {"id": "a",', 400, "bad_json"),
+    ("empty id", "/v1/pre-reboot", "POST", HEADERS, body("", GROUP), 400, "bad_id"),
+    ("bad group name", "/v1/pre-reboot", "POST", HEADERS, body("a", "work_ers!"), 400, "bad_group"),
+    ("body over the size limit", "/v1/pre-reboot", "POST", HEADERS,
+     json.dumps({"client_params": {"id": "a", "group": GROUP}, "pad": "x" * 5000}).encode(), 413, "too_large"),
+    ("unknown path", "/v1/pre-rebooot", "POST", HEADERS, body("a", GROUP), 404, "not_found"),
+    ("GET instead of POST", "/v1/pre-reboot", "GET", HEADERS, b"", 405, "method_not_allowed"),
+    ("steady-state without header", "/v1/steady-state", "POST", {}, body("a", GROUP), 400, "bad_header"),
+], ids=lambda v: v if isinstance(v, str) and " " in v else "")
+async def test_bad_requests_are_refused_and_write_nothing(
+        etcd: Etcd, etcd_config: EtcdConfig, prefix: str, session: aiohttp.ClientSession, case: str, path: str,
+        method: str, headers: dict[str, str], data: bytes, status: int, kind: str) -> None:
+    await apply(etcd, prefix, GROUP, "slots = 1")
+    async with running(etcd_config, prefix) as server:
+        before = await etcd.revision()
+        reply = await call(session, server.urls[0] + path, method=method, data=data, headers=headers)
+        assert (reply.status, reply.kind) == (status, kind), case
+        assert reply.doc["value"], case
+        await _unchanged(etcd, before)
+
+
+async def test_recursive_lock_is_200_and_writes_once(
+        etcd: Etcd, etcd_config: EtcdConfig, prefix: str, session: aiohttp.ClientSession) -> None:
+    await apply(etcd, prefix, GROUP, "slots = 1")
+    async with running(etcd_config, prefix) as server:
+        base = server.urls[0]
+        before = await etcd.revision()
+        first = await pre_reboot(session, base, "node-a", GROUP)
+        assert (first.status, first.doc) == (200, None)
+        assert await etcd.revision() == before + 1  # holder key and audit entry: one transaction
+        again = await pre_reboot(session, base, "node-a", GROUP)
+        assert again.status == 200
+        await _unchanged(etcd, before + 1)
+        held = json.loads((await keys(etcd, prefix, GROUP))["holders/node-a"])
+        assert held["reason"].startswith("via fleetlock from 127.0.0.1")
+        entries = await audit.read(etcd, Layout(GROUP, prefix))
+        assert [(e.action, e.subject) for e in entries][-1] == ("lock", "node-a")
+        assert "via fleetlock" in entries[-1].reason and entries[-1].detail["client"] == "127.0.0.1"
+
+
+async def test_unlock_of_a_non_holder_is_200_and_writes_nothing(
+        etcd: Etcd, etcd_config: EtcdConfig, prefix: str, session: aiohttp.ClientSession) -> None:
+    await apply(etcd, prefix, GROUP, "slots = 1")
+    async with running(etcd_config, prefix) as server:
+        base = server.urls[0]
+        assert (await pre_reboot(session, base, "node-a", GROUP)).status == 200
+        before = await etcd.revision()
+        reply = await steady_state(session, base, "node-b", GROUP)
+        assert (reply.status, reply.doc) == (200, None)
+        await _unchanged(etcd, before)
+        # and the holder's own steady-state releases, audited with the client's address
+        assert (await steady_state(session, base, "node-a", GROUP)).status == 200
+        assert await etcd.revision() == before + 1
+        assert "holders/node-a" not in await keys(etcd, prefix, GROUP)
+        last = (await audit.read(etcd, Layout(GROUP, prefix)))[-1]
+        assert (last.action, last.subject) == ("unlock", "node-a")
+        assert last.reason == "via fleetlock from 127.0.0.1"
+
+
+async def test_full_group_refuses_with_no_slot_and_keeps_the_place(
+        etcd: Etcd, etcd_config: EtcdConfig, prefix: str, session: aiohttp.ClientSession) -> None:
+    await apply(etcd, prefix, GROUP, "slots = 1")
+    async with running(etcd_config, prefix) as server:
+        base = server.urls[0]
+        assert (await pre_reboot(session, base, "node-a", GROUP)).status == 200
+        before = await etcd.revision()
+        reply = await pre_reboot(session, base, "node-b", GROUP)
+        assert (reply.status, reply.kind) == (409, "no_slot")
+        assert "node-a" in reply.doc["value"] and "1st of 1 in line" in reply.doc["value"]
+        # the one write: node-b's place in line
+        assert await etcd.revision() == before + 1
+        assert "queue/node-b" in await keys(etcd, prefix, GROUP)
+        again = await pre_reboot(session, base, "node-b", GROUP)
+        assert (again.status, again.kind) == (409, "no_slot")
+        await _unchanged(etcd, before + 1)  # asking again only keeps the lease alive
+        # a later host is behind node-b even once the slot is free
+        assert (await pre_reboot(session, base, "node-c", GROUP)).kind == "no_slot"
+        assert (await steady_state(session, base, "node-a", GROUP)).status == 200
+        late = await pre_reboot(session, base, "node-c", GROUP)
+        assert (late.status, late.kind) == (409, "no_slot")
+        assert "2nd of 2" in late.doc["value"]
+        assert (await pre_reboot(session, base, "node-b", GROUP)).status == 200
+        assert "queue/node-b" not in await keys(etcd, prefix, GROUP)
+
+
+async def test_closed_window_refuses_with_outside_window(
+        etcd: Etcd, etcd_config: EtcdConfig, prefix: str, session: aiohttp.ClientSession) -> None:
+    opens = (datetime.now(UTC) + timedelta(hours=6)).replace(second=0, microsecond=0)
+    await apply(etcd, prefix, GROUP, f'slots = 2\n[[windows]]\nstart = "{opens:%H:%M}"\nlength = "1h"\n')
+    async with running(etcd_config, prefix) as server:
+        before = await etcd.revision()
+        reply = await pre_reboot(session, server.urls[0], "node-a", GROUP)
+        assert (reply.status, reply.kind) == (409, "outside_window")
+        assert f"{opens:%H:%M} UTC" in reply.doc["value"]
+        assert 5 * 3600 < int(reply.headers["Retry-After"]) <= 6 * 3600 + 60
+        assert "holders/node-a" not in await keys(etcd, prefix, GROUP)
+        assert await etcd.revision() == before + 1  # its place in line, nothing else
+
+
+async def test_paused_group_refuses_with_paused(
+        etcd: Etcd, etcd_config: EtcdConfig, prefix: str, session: aiohttp.ClientSession) -> None:
+    await apply(etcd, prefix, GROUP, "slots = 3")
+    await pause(etcd, GROUP, "bad release 1.2.3", prefix=prefix)
+    async with running(etcd_config, prefix) as server:
+        before = await etcd.revision()
+        reply = await pre_reboot(session, server.urls[0], "node-a", GROUP)
+        assert (reply.status, reply.kind) == (409, "paused")
+        assert "bad release 1.2.3" in reply.doc["value"]
+        assert "holders/node-a" not in await keys(etcd, prefix, GROUP)
+        assert await etcd.revision() == before + 1
+
+
+async def test_unknown_group_is_refused_on_both_endpoints(
+        etcd: Etcd, etcd_config: EtcdConfig, prefix: str, session: aiohttp.ClientSession) -> None:
+    async with running(etcd_config, prefix) as server:
+        before = await etcd.revision()
+        for reply in (await pre_reboot(session, server.urls[0], "a", "nosuch"),
+                      await steady_state(session, server.urls[0], "a", "nosuch")):
+            assert (reply.status, reply.kind) == (400, "unknown_group")
+        await _unchanged(etcd, before)
+    async with running(etcd_config, prefix, any_group=True) as server:
+        assert (await pre_reboot(session, server.urls[0], "a", "nosuch")).status == 200
+
+
+async def test_cooldown_refuses_until_the_freed_slot_cools(
+        etcd: Etcd, etcd_config: EtcdConfig, prefix: str, session: aiohttp.ClientSession) -> None:
+    await apply(etcd, prefix, GROUP, 'slots = 1\ncooldown = "1h"')
+    async with running(etcd_config, prefix) as server:
+        base = server.urls[0]
+        assert (await pre_reboot(session, base, "node-a", GROUP)).status == 200
+        assert (await steady_state(session, base, "node-a", GROUP)).status == 200
+        reply = await pre_reboot(session, base, "node-b", GROUP)
+        assert (reply.status, reply.kind) == (409, "cooldown")
+        assert "1h cooldown" in reply.doc["value"]
+        assert 3500 < int(reply.headers["Retry-After"]) <= 3602
+
+
+async def test_strategy_off_refuses_without_queueing(
+        etcd: Etcd, etcd_config: EtcdConfig, prefix: str, session: aiohttp.ClientSession) -> None:
+    await apply(etcd, prefix, GROUP, 'strategy = "off"')
+    async with running(etcd_config, prefix) as server:
+        before = await etcd.revision()
+        reply = await pre_reboot(session, server.urls[0], "node-a", GROUP)
+        assert (reply.status, reply.kind) == (409, "reboots_off")
+        await _unchanged(etcd, before)
+
+
+async def test_steady_state_of_a_queued_host_gives_up_its_place(
+        etcd: Etcd, etcd_config: EtcdConfig, prefix: str, session: aiohttp.ClientSession) -> None:
+    await apply(etcd, prefix, GROUP, "slots = 1")
+    async with running(etcd_config, prefix) as server:
+        base = server.urls[0]
+        await pre_reboot(session, base, "node-a", GROUP)
+        assert (await pre_reboot(session, base, "node-b", GROUP)).kind == "no_slot"
+        assert (await steady_state(session, base, "node-b", GROUP)).status == 200
+        assert "queue/node-b" not in await keys(etcd, prefix, GROUP)
+
+
+async def test_token_ready_and_metrics(
+        etcd: Etcd, etcd_config: EtcdConfig, prefix: str, session: aiohttp.ClientSession, tmp_path: Path) -> None:
+    await apply(etcd, prefix, GROUP)
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    async with running(etcd_config, prefix, token_file=str(token)) as server:
+        base = server.urls[0]
+        before = await etcd.revision()
+        denied = await pre_reboot(session, base, "a", GROUP)
+        assert (denied.status, denied.kind) == (401, "unauthorized")
+        wrong = await call(session, f"{base}/v1/pre-reboot", data=body("a", GROUP),
+                           headers={**HEADERS, "Authorization": "Bearer nope"})
+        assert wrong.kind == "unauthorized"
+        await _unchanged(etcd, before)
+        ok = await call(session, f"{base}/v1/pre-reboot", data=body("a", GROUP),
+                        headers={**HEADERS, "Authorization": "Bearer s3cret"})
+        assert ok.status == 200
+        basic = "Basic " + base64.b64encode(b"fleetlock:s3cret").decode()
+        assert (await call(session, f"{base}/v1/steady-state", data=body("a", GROUP),
+                           headers={**HEADERS, "Authorization": basic})).status == 200
+        ready = await call(session, f"{base}/-/ready", method="GET", headers={})
+        assert ready.status == 200 and ready.doc["etcd_revision"] >= before
+        assert (await call(session, f"{base}/metrics", method="GET", headers={})).kind == "unauthorized"
+        async with session.get(f"{base}/metrics", headers={"Authorization": "Bearer s3cret"}) as r:
+            text = await r.text()
+        assert 'fleetlock_requests_total{endpoint="pre-reboot",kind="unauthorized",result="error"} 2.0' in text
+        assert 'fleetlock_requests_total{endpoint="pre-reboot",kind="granted",result="ok"} 1.0' in text
+        assert 'fleetlock_requests_total{endpoint="steady-state",kind="released",result="ok"} 1.0' in text
+
+
+async def test_ready_reports_etcd_down(prefix: str, session: aiohttp.ClientSession) -> None:
+    from locksmith.embedded import _free_ports
+
+    dead = EtcdConfig(endpoints=(f"http://127.0.0.1:{_free_ports(1)[0]}",), timeout=1.0, attempt_timeout=0.5)
+    async with running(dead, prefix, any_group=True) as server:
+        ready = await call(session, f"{server.urls[0]}/-/ready", method="GET", headers={})
+        assert (ready.status, ready.kind) == (503, "etcd_unavailable")
+        reply = await pre_reboot(session, server.urls[0], "a", GROUP)
+        assert (reply.status, reply.kind) == (503, "etcd_unavailable")
+
+
+async def test_mutual_tls(etcd: Etcd, etcd_config: EtcdConfig, prefix: str, tmp_path: Path) -> None:
+    # The certificate helpers of the etcd TLS tests: one way to make a test CA in this suite.
+    from test_cli_tls_auth import _ca, _leaf
+
+    ca, ca_key, ca_path = _ca(tmp_path, "ca")
+    other, other_key, _other_path = _ca(tmp_path, "other-ca")
+    server_cert, server_key = _leaf(tmp_path, "server", ca, ca_key, server=True)
+    client_cert, client_key = _leaf(tmp_path, "client", ca, ca_key, server=False)
+    rogue_cert, rogue_key = _leaf(tmp_path, "rogue", other, other_key, server=False)
+    await apply(etcd, prefix, GROUP)
+    async with running(etcd_config, prefix, tls=True, tls_cert_file=str(server_cert), tls_key_file=str(server_key),
+                       client_ca_file=str(ca_path)) as server:
+        base = server.urls[0]
+        assert base.startswith("https://")
+        for cert in (None, (rogue_cert, rogue_key)):
+            ctx = ssl.create_default_context(cafile=str(ca_path))
+            if cert is not None:
+                ctx.load_cert_chain(str(cert[0]), str(cert[1]))
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as refused:
+                with pytest.raises(aiohttp.ClientError):
+                    await pre_reboot(refused, base, "a", GROUP)
+        ctx = ssl.create_default_context(cafile=str(ca_path))
+        ctx.load_cert_chain(str(client_cert), str(client_key))
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as with_cert:
+            assert (await pre_reboot(with_cert, base, "a", GROUP)).status == 200

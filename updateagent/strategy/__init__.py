@@ -1,0 +1,105 @@
+"""Reboot strategies: what happens between "an update is applied" and "the node runs it".
+
+The agent calls two things and nothing else: ``reboot_needed(RebootRequest)`` when it enters
+``UPDATED_NEED_REBOOT`` (again after a restart within the same boot) and ``boot_settled(outcome,
+version)`` when its after-boot logic is done. ``start()`` and ``close()`` bracket an agent's life
+(the daemon calls ``close()``). Strategies (Zincati keeps the same split):
+
+- ``off`` (:mod:`.off`): report only; never reboot.
+- ``reboot`` (:mod:`.immediate`): the coordinator with a local "slot" that is always free: hooks,
+  logged-in users and the host's own window apply, no queue.
+- ``etcd-lock`` (:mod:`.etcd_lock`): the coordinator with the group's etcd semaphore and policy.
+
+The coordinator (:mod:`.coordinator`) is the common flow; a slot backend
+(:class:`.coordinator.SlotBackend`) is the only part that differs per lock service, so a FleetLock
+backend plugs in beside the etcd one. See docs/coordinator.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from locksmith.clock import SYSTEM_CLOCK, Clock
+
+if TYPE_CHECKING:
+    from updateagent.config import AgentSettings
+    from updateagent.host import Host
+
+__all__ = ["RebootRequest", "RebootStrategy", "StatusListener", "build_reboot_strategy"]
+
+
+@dataclass(frozen=True)
+class RebootRequest:
+    reason: str  # "update" | "rollback" | "reboot-required"
+    version: str  # the version the next boot should run ("" when nothing changes: reboot-required)
+    slot: str
+
+
+StatusListener = Callable[[str], None]
+
+
+class RebootStrategy(Protocol):
+    """The hook the reboot coordinator plugs into. Called by the agent; never blocks it for long."""
+
+    async def start(self) -> None:
+        """The agent loaded its state. A coordinator resumes what it persisted (in the background)."""
+        ...
+
+    async def reboot_needed(self, request: RebootRequest) -> None: ...
+
+    async def boot_settled(self, outcome: str, version: str) -> None:
+        """After-boot logic finished with ``outcome`` (see ``AgentState.last_boot_outcome``)."""
+        ...
+
+    async def close(self) -> None: ...
+
+    def describe(self) -> dict[str, Any]:
+        """The strategy's status as one JSON-able document (D-Bus, updatectl, metrics)."""
+        ...
+
+    def status_text(self) -> str:
+        """One line a person reads ("queued: 3rd of 7 in group prod"); sd_notify STATUS=."""
+        ...
+
+    def subscribe(self, listener: StatusListener) -> None:
+        """Call ``listener(status_text)`` whenever the status text may have changed."""
+        ...
+
+
+def coordinator_state_path(state_dir: Path) -> Path:
+    return state_dir / "coordinator.json"
+
+
+def build_reboot_strategy(settings: AgentSettings, host: Host, *, clock: Clock = SYSTEM_CLOCK) -> RebootStrategy:
+    """The strategy the settings name, wired with ``host`` and ``clock`` (the simulator passes a
+    virtual one). Nothing connects here: a coordinator reaches etcd from its own task."""
+    strategy = settings.reboot.strategy
+    if strategy == "off":
+        from updateagent.strategy.off import ReportOnlyStrategy
+
+        return ReportOnlyStrategy()
+    from updateagent.strategy.coordinator import Coordinator, CoordinatorOptions
+
+    options = CoordinatorOptions.from_settings(settings)
+    if strategy == "reboot":
+        from updateagent.strategy.immediate import LocalSlot
+
+        backend: Any = LocalSlot(clock=clock)
+    elif strategy == "etcd-lock":
+        from updateagent.strategy.etcd_lock import EtcdSlot
+
+        backend = EtcdSlot(settings.locksmith, local_window=settings.reboot.local_window, clock=clock)
+    elif strategy == "fleetlock":
+        try:
+            from updateagent.strategy.fleetlock import build_fleetlock_backend  # type: ignore[attr-defined]
+        except ImportError:
+            from updateagent.config import ConfigError
+
+            raise ConfigError("reboot strategy 'fleetlock' is not in this version") from None
+        backend = build_fleetlock_backend(settings, clock=clock)
+    else:  # config validation refuses other names
+        raise ValueError(f"unknown reboot strategy {strategy!r}")
+    return Coordinator(backend, host, options, state_path=coordinator_state_path(settings.state_dir), clock=clock)

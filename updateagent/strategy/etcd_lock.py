@@ -1,0 +1,252 @@
+"""``etcd-lock``: the coordinator's slot is the group's etcd semaphore (``locksmith.semaphore``).
+
+- The policy and the pause key are followed live with ``locksmith.reader.PolicyReader``: a change
+  while the coordinator waits takes effect at once (``wait_changed`` returns).
+- A slot is ``Semaphore.lock(machine id)``, held for the policy's ``reboot_timeout``; the
+  semaphore refuses grants while paused and while a freed slot cools down (``cooldown``).
+- The group's numbers (holders, queue, slots, paused) come from the semaphore's watch-driven
+  mirror: no polling of etcd.
+- Failures go to ``locksmith.budget.report_failure`` with a stable incident id, so a repeated
+  report of the same failed boot (an agent restart) counts once.
+- Overdue holders of other hosts: while this host waits for its window or queues, it looks at the
+  holders' deadlines (the granting host's clock wrote them; this host's clock reads them). An
+  overdue holder is reported once (incident = its holder key's revision, whoever reports it) and,
+  with ``on_timeout = "release"``, released through a transaction that compares that revision, so
+  of all the hosts that try exactly one succeeds and a fresh grant of the same host is never freed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from datetime import datetime
+
+from locksmith import audit
+from locksmith.budget import count_failures, report_failure
+from locksmith.clock import SYSTEM_CLOCK, Clock
+from locksmith.errors import CorruptValueError
+from locksmith.etcd import Compare, Delete, Etcd, Target
+from locksmith.log import get_logger
+from locksmith.reader import PolicyReader
+from locksmith.semaphore import Holder, Semaphore, SemaphoreState
+from locksmith.windows import WindowSet
+from updateagent.config import LocksmithSettings
+from updateagent.strategy.coordinator import Gate, Grant, QueueInfo
+
+log = get_logger("updateagent.etcd_lock")
+
+CONNECT_TIMEOUT = 30.0
+LEAVE_TIMEOUT = 10.0
+
+
+class EtcdSlot:
+    kind = "etcd-lock"
+
+    def __init__(self, settings: LocksmithSettings, *, local_window: WindowSet | None = None,
+                 clock: Clock = SYSTEM_CLOCK, etcd: Etcd | None = None) -> None:
+        del local_window  # the coordinator applies the host's window (CoordinatorOptions.local_window)
+        self.settings = settings
+        self.clock = clock
+        self.group = settings.group
+        self.etcd: Etcd | None = etcd
+        self._own_etcd = etcd is None
+        self.reader: PolicyReader | None = None
+        self.sem: Semaphore | None = None
+        self.holder_id = ""
+        self.failures = 0  # the group's failure count, as of this host's last report or start
+        self._released_overdue: set[int] = set()
+        self._reported_overdue: set[int] = set()
+
+    # ----------------------------------------------------------------------- life
+
+    async def open(self, holder_id: str) -> None:
+        self.holder_id = holder_id
+        if self.etcd is None:
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                self.etcd = await Etcd.connect(self.settings.etcd_config())
+        try:
+            reader = PolicyReader(self.etcd, self.group, prefix=self.settings.prefix)
+            reader.start()
+            try:
+                async with asyncio.timeout(CONNECT_TIMEOUT):
+                    await reader.wait_ready()
+            except BaseException:
+                await reader.stop()
+                raise
+            self.reader = reader
+            self.sem = Semaphore(self.etcd, self.group, prefix=self.settings.prefix,
+                                 lease_ttl=self.settings.lease_ttl, clock=self.clock)
+            await _watch(self.sem)
+            with contextlib.suppress(Exception):
+                self.failures = await count_failures(self.etcd, self.group, prefix=self.settings.prefix)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        if self.reader is not None:
+            await self.reader.stop()
+            self.reader = None
+        if self.sem is not None:
+            with contextlib.suppress(Exception):
+                await self.sem.close()
+            self.sem = None
+        if self.etcd is not None and self._own_etcd:
+            with contextlib.suppress(Exception):
+                await self.etcd.close()
+            self.etcd = None
+
+    # ----------------------------------------------------------------------- the gate
+
+    def gate(self) -> Gate:
+        reader = self.reader
+        if reader is None:
+            return Gate(group=self.group, ready=False, problem="not connected to etcd")
+        policy = reader.policy
+        pause_reason = reader.pause.reason if reader.pause is not None else ""
+        windows = policy.window_set() if policy.windows else None
+        return Gate(group=self.group, windows=windows, min_window_remaining=policy.min_window_remaining,
+                    paused=reader.paused, pause_reason=pause_reason or "", on_timeout=policy.on_timeout,
+                    cooldown_until=None, ready=True, problem=reader.error or "")
+
+    async def wait_changed(self) -> None:
+        if self.reader is None:
+            await asyncio.Event().wait()
+        assert self.reader is not None
+        await self.reader.changed()
+
+    # ----------------------------------------------------------------------- the slot
+
+    async def acquire(self, reason: str) -> Grant:
+        assert self.sem is not None and self.reader is not None
+        hold = self.reader.policy.reboot_timeout
+        try:
+            holder = await self.sem.lock(self.holder_id, reason=reason, hold_for=hold)
+        except asyncio.CancelledError:
+            # The semaphore deletes our queue key in the background: see it gone before saying
+            # we left (bounded: a dead etcd must not hold up the coordinator).
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(LEAVE_TIMEOUT):
+                    while (st := self._mirror()) is not None and any(w.id == self.holder_id for w in st.queue):
+                        await asyncio.sleep(0.05)
+            raise
+        return _grant(holder)
+
+    async def held(self) -> Grant | None:
+        assert self.sem is not None
+        state = await self.sem.state()
+        for h in state.holders:
+            if h.id == self.holder_id:
+                return _grant(h)
+        return None
+
+    async def release(self) -> bool:
+        assert self.sem is not None
+        return await self.sem.unlock(self.holder_id)
+
+    async def report_failure(self, kind: str, detail: str, incident: str) -> str:
+        assert self.etcd is not None and self.reader is not None
+        report = await report_failure(self.etcd, self.group, self.holder_id, "overdue" if kind == "overdue"
+                                      else "unhealthy", detail, incident=incident, policy=self.reader.policy,
+                                      prefix=self.settings.prefix)
+        self.failures = report.count
+        return (f"failure {report.count} of budget {report.budget}" + (", group paused" if report.paused else "")
+                + ("" if report.recorded else " (already recorded)"))
+
+    # ----------------------------------------------------------------------- the group
+
+    def _mirror(self) -> SemaphoreState | None:
+        return _snapshot(self.sem) if self.sem is not None else None
+
+    def queue(self) -> QueueInfo | None:
+        st = self._mirror()
+        if st is None:
+            return None
+        ids = [w.id for w in st.queue]
+        pos = ids.index(self.holder_id) + 1 if self.holder_id in ids else None
+        return QueueInfo(position=pos, length=len(ids), holders=len(st.holders), slots=st.max, paused=st.paused)
+
+    async def tend(self, now: datetime) -> datetime | None:
+        """Report and (on_timeout = release) free other hosts' overdue slots; the next deadline."""
+        st = self._mirror()
+        if st is None or self.etcd is None or self.reader is None:
+            return None
+        policy = self.reader.policy
+        nxt: datetime | None = None
+        for h in st.holders:
+            if h.id == self.holder_id or h.deadline is None:
+                continue
+            if not h.overdue(now):
+                nxt = h.deadline if nxt is None else min(nxt, h.deadline)
+                continue
+            if h.revision not in self._reported_overdue:
+                detail = f"{h.id} held its slot past its deadline {h.deadline.isoformat()}"
+                report = await report_failure(self.etcd, self.group, h.id, "overdue", detail,
+                                              incident=f"rev-{h.revision}", policy=policy,
+                                              prefix=self.settings.prefix)
+                self._reported_overdue.add(h.revision)
+                self.failures = report.count
+                log.warning("overdue_holder", holder=h.id, deadline=h.deadline.isoformat(),
+                            on_timeout=policy.on_timeout, recorded=report.recorded)
+            if policy.on_timeout == "release" and h.revision not in self._released_overdue:
+                self._released_overdue.add(h.revision)
+                released = await _release_overdue(self.sem, self.etcd, h, now)
+                log.warning("overdue_holder_released" if released else "overdue_holder_release_lost",
+                            holder=h.id, revision=h.revision)
+        return nxt
+
+    def group_metrics(self) -> dict[str, float]:
+        st = self._mirror()
+        if st is None:
+            return {}
+        return {"holders": float(len(st.holders)), "queue_length": float(len(st.queue)), "slots": float(st.max),
+                "paused": 1.0 if st.paused else 0.0, "failures": float(self.failures)}
+
+
+def _grant(h: Holder) -> Grant:
+    return Grant(holder_id=h.id, since=h.since, revision=h.revision, deadline=h.deadline)
+
+
+# --- the few things this module needs of the semaphore beyond lock/unlock/state ------------------
+
+
+async def _watch(sem: Semaphore) -> None:
+    """Start the semaphore's mirror without queueing, so the group's numbers are known at once."""
+    watch = getattr(sem, "watch", None)
+    if watch is not None:
+        await watch()
+        return
+    await sem._ensure_mirror()
+
+
+def _snapshot(sem: Semaphore) -> SemaphoreState | None:
+    snap = getattr(sem, "snapshot", None)
+    if snap is not None:
+        return snap()  # type: ignore[no-any-return]
+    mirror = sem._mirror
+    if mirror is None or mirror.closed:
+        return None
+    try:
+        return mirror.view.state()
+    except CorruptValueError:
+        return None
+
+
+async def _release_overdue(sem: Semaphore | None, etcd: Etcd, h: Holder, now: datetime) -> bool:
+    """Free ``h``'s slot only if its holder key is still the one that went overdue."""
+    assert sem is not None
+    by = audit.actor()
+    reason = f"overdue since {h.deadline.isoformat() if h.deadline else '?'} (on_timeout = release)"
+    release = getattr(sem, "release_overdue", None)
+    if release is not None:
+        return bool(await release(h.id, h.revision, by=by, reason=reason))
+    key = sem.layout.holder(h.id)
+    res = await etcd.txn(
+        [Compare(key, Target.MOD, "==", h.revision)],
+        [Delete(key), audit.entry_op(sem.layout, "release-overdue", h.id, reason, by=by, now=now,
+                                     detail={"revision": h.revision, "deadline": h.deadline.isoformat()
+                                             if h.deadline else None})],
+    )
+    if res.succeeded:
+        await audit.wrote(etcd, sem.layout)
+    return bool(res.succeeded)
