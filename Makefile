@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -23,6 +23,11 @@ test: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
+
+# The semaphore under a random etcd fault schedule (locksmith/soak.py); SOAK_DURATION in seconds.
+SOAK_DURATION ?= 600
+soak: setup
+	$(PY) -m locksmith.soak --duration $(SOAK_DURATION)
 
 bench: setup
 	$(PY) benchmarks/semaphore.py

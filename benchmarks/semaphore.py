@@ -28,6 +28,16 @@ processes on Linux). Pairing by revision: with max 1 grants and releases alterna
 hand-off into the grant at revision g_k+1 starts at the release of the holder granted at g_k.
 It includes the watch event's trip to the
 next waiter's process, its mirror update, a range read of holders/ and the fsynced grant commit.
+
+Floor, measured in the same run against the same server: one transaction commit plus one watch
+delivery, the least any hand-off can cost. A "releaser" connection commits a transaction; from
+the moment it returned, the time until a "waiter" connection in another process has received
+the event over its watch and committed a transaction of its own. The table gives hand-off p50 and
+p99 as multiples of the floor's p50 and p99.
+
+Frozen follower (``--freeze``, on by default): a 3-member cluster (also with fsync), contender
+processes from locksmith.soak each given all three endpoints, 10 s of grants, then one follower
+SIGSTOPped for 10 s: grants per second during the freeze against the 10 s before it.
 """
 
 from __future__ import annotations
@@ -48,6 +58,7 @@ from locksmith.etcd import Compare as _Compare
 from locksmith.etcd import Delete, Etcd, EtcdConfig, Op, Put, TxnResult
 from locksmith.keys import Layout
 from locksmith.semaphore import Semaphore
+from locksmith.soak import Contenders, layout_specs
 
 WRITE_METHODS = ("Put", "DeleteRange", "Txn", "LeaseGrant", "LeaseRevoke")
 PREFIX = "bench/"
@@ -92,6 +103,99 @@ async def _worker(endpoint: str, group: str, ids: list[str], cycles: int) -> dic
     await sem.close()
     await etcd.close()
     return {"cycles": cycles_done, "txn": dict(etcd.counts)}
+
+
+# -- floor: one commit plus one watch delivery ----------------------------------------------------
+
+
+async def _floor_waiter(endpoint: str, key: str, rounds: int) -> dict[str, Any]:
+    """The waiter's side: on each event for ``key``, commit one transaction at once."""
+    etcd = await Etcd.connect(EtcdConfig(endpoints=(endpoint,)))
+    rev = await etcd.revision()
+    sys.stdout.write(json.dumps({"ready": True}) + "\n")
+    sys.stdout.flush()
+    done: list[float] = []
+    async for batch in etcd.watch_prefix(key, start_revision=rev + 1):
+        for _ in batch.events:
+            await etcd.txn([], [Put(f"{PREFIX}floor-ack", b"1")])
+            done.append(time.monotonic())
+        if len(done) >= rounds:
+            break
+    await etcd.close()
+    return {"done": done}
+
+
+async def _measure_floor(server: EmbeddedEtcd, rounds: int = 200) -> dict[str, float]:
+    endpoint = server.endpoints[0]
+    key = f"{PREFIX}floor/release"
+    proc = await asyncio.create_subprocess_exec(sys.executable, __file__, "--floor-waiter", endpoint, key,
+                                                str(rounds), stdout=asyncio.subprocess.PIPE)
+    assert proc.stdout is not None
+    await asyncio.wait_for(proc.stdout.readline(), 60)  # the waiter's watch is open
+    etcd = await Etcd.connect(EtcdConfig(endpoints=(endpoint,)))
+    committed: list[float] = []
+    ack_seen = 0
+    try:
+        ack_rev = await etcd.revision()
+        async for batch in etcd.watch_prefix(f"{PREFIX}floor-ack", start_revision=ack_rev + 1):
+            if batch.created or batch.events:
+                ack_seen += len(batch.events)
+                if len(committed) >= rounds:
+                    if ack_seen >= rounds:
+                        break
+                    continue
+                await etcd.txn([], [Put(key, b"x")])
+                committed.append(time.monotonic())
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await etcd.close()
+    done = json.loads(out.decode().splitlines()[-1])["done"]
+    samples = [(d - c) * 1000 for c, d in zip(committed, done, strict=False)]
+    return {"p50": round(_pct(samples, 50), 2), "p99": round(_pct(samples, 99), 2), "n": len(samples)}
+
+
+# -- one follower frozen ----------------------------------------------------------------------------
+
+
+async def _frozen_follower(seconds: float = 10.0) -> dict[str, Any]:
+    """Grants per second with one follower of 3 SIGSTOPped, against the same span before it."""
+    from locksmith.semaphore import Semaphore
+
+    with EmbeddedEtcd(members=3, unsafe_no_fsync=False) as cluster:
+        etcd = await Etcd.connect(cluster.config())
+        groups = ["f0", "f1"]
+        for g in groups:
+            async with Semaphore(etcd, g, prefix="soak/") as sem:
+                await sem.set_max(2)
+        pool = Contenders(cluster.endpoints, layout_specs(4, 3, groups), hold=0.02, think=0.02)
+        try:
+            await pool.start()
+            await pool.wait_all_granted_since(0, within=60)
+
+            def rate(a: float, b: float) -> float:
+                return sum(1 for c in pool.by_key.values() for _, t in c.grants if a <= t < b) / (b - a)
+
+            t0 = time.monotonic()
+            await asyncio.sleep(seconds)
+            t1 = time.monotonic()
+            leader = cluster.wait_leader()
+            follower = (leader + 1) % 3
+            cluster.members[follower].pause()
+            try:
+                await asyncio.sleep(seconds)
+            finally:
+                cluster.members[follower].resume()
+            t2 = time.monotonic()
+            per_second = [round(rate(t1 + i, t1 + i + 1), 1) for i in range(int(seconds))]
+            return {"before": round(rate(t0, t1), 1), "during": round(rate(t1, t2), 1), "per_second": per_second,
+                    "contenders": len(pool.by_key), "processes": len(pool.procs)}
+        finally:
+            await pool.stop()
+            pool.cleanup()
+            await etcd.close()
 
 
 # -- driver -------------------------------------------------------------------------------------
@@ -200,20 +304,33 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cycles", type=int, default=0,
                    help="acquire+release cycles per waiter (default: enough for about 1,000 hand-offs, at least 2)")
     p.add_argument("--procs", type=int, default=0, help="worker processes (default: 1 up to 100 waiters, else 4)")
+    p.add_argument("--no-freeze", action="store_true", help="skip the frozen-follower measurement")
     p.add_argument("--worker", nargs=4, metavar=("ENDPOINT", "GROUP", "IDS", "CYCLES"), help=argparse.SUPPRESS)
+    p.add_argument("--floor-waiter", nargs=3, metavar=("ENDPOINT", "KEY", "ROUNDS"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         endpoint, group, ids, cycles = args.worker
         res = asyncio.run(_worker(endpoint, group, ids.split(","), int(cycles)))
         sys.stdout.write("\n" + json.dumps(res) + "\n")
         return
+    if args.floor_waiter:
+        endpoint, key, rounds = args.floor_waiter
+        res = asyncio.run(_floor_waiter(endpoint, key, int(rounds)))
+        sys.stdout.write("\n" + json.dumps(res) + "\n")
+        return
     sizes = [int(x) for x in args.waiters.split(",")]
     rows = []
     with EmbeddedEtcd(unsafe_no_fsync=False) as server:
+        floor = asyncio.run(_measure_floor(server))
         for n in sizes:
             rows.append(asyncio.run(_run_size(server, n, args.cycles or max(2, 1000 // n), args.procs)))
+    for r in rows:
+        r["floor_ms_p50"], r["floor_ms_p99"] = floor["p50"], floor["p99"]
+        r["handoff_p50_over_floor"] = round(r["handoff_ms_p50"] / floor["p50"], 2)
+        r["handoff_p99_over_floor"] = round(r["handoff_ms_p99"] / floor["p99"], 2)
+    frozen = None if args.no_freeze else asyncio.run(_frozen_follower())
     if args.json:
-        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        sys.stdout.write(json.dumps({"sizes": rows, "floor": floor, "frozen_follower": frozen}, indent=2) + "\n")
         return
     print(f"etcd with fsync (unsafe_no_fsync=False), max 1, cpus={os.cpu_count()}; per acquire+release cycle:")
     print(f"{'waiters':>8} {'procs':>5} {'cycles':>6} {'writes':>6} {'cycle':>5} {'Put':>5} {'Txn':>5} {'Del':>5} "
@@ -228,6 +345,16 @@ def main(argv: list[str] | None = None) -> None:
               f"{r['audit_prune_txn_per_cycle']:>9.4f} {r['handoff_ms_p50']:>7.2f} {r['handoff_ms_p99']:>7.2f} "
               f"{r['handoff_ms_max']:>7.2f}")
     print("txn kinds per size:", "; ".join(f"{r['waiters']}: {r['txn_kinds']}" for r in rows))
+    print(f"floor (one txn commit + one watch delivery, same server, {floor['n']} samples): "
+          f"p50 {floor['p50']:.2f} ms, p99 {floor['p99']:.2f} ms")
+    print(f"{'waiters':>8} {'p50/floor p50':>14} {'p99/floor p99':>14}")
+    for r in rows:
+        print(f"{r['waiters']:>8} {r['handoff_p50_over_floor']:>14.2f} {r['handoff_p99_over_floor']:>14.2f}")
+    if frozen is not None:
+        ratio = frozen["during"] / frozen["before"] if frozen["before"] else 0.0
+        print(f"one follower of 3 frozen (SIGSTOP) for 10 s, {frozen['contenders']} contenders in "
+              f"{frozen['processes']} processes, all endpoints each: grants/s before {frozen['before']:.1f}, "
+              f"during {frozen['during']:.1f} (ratio {ratio:.2f}); per second of the freeze: {frozen['per_second']}")
 
 
 if __name__ == "__main__":

@@ -114,9 +114,13 @@ class EtcdConfig:
             ep = ep.strip()
             if not ep:
                 continue
-            parts = urlsplit(ep if "://" in ep else f"http://{ep}")
-            if parts.scheme not in ("http", "https") or not parts.hostname or not parts.port:
-                raise InvalidArgumentError(f"endpoint {ep!r} is not http(s)://host:port or host:port")
+            try:
+                parts = urlsplit(ep if "://" in ep else f"http://{ep}")
+                port = parts.port  # raises ValueError for a port that is not a number
+            except ValueError:  # also an unbalanced or invalid [IPv6] host
+                port = None
+            if port is None or parts.scheme not in ("http", "https") or not parts.hostname or not port:
+                raise InvalidArgumentError(f"endpoint {ep[:100]!r} is not http(s)://host:port or host:port")
             host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
             out.append(f"{host}:{parts.port}")
         if not out:
@@ -477,11 +481,13 @@ class Etcd:
                     + (f" (last: {last})" if last else "")
                 )
             if self._all_down():
-                # Every member failed recently: back off a little before going round again (an
-                # election, or the cluster restarting).
+                # Every member failed recently (an election, or the cluster restarting): back off
+                # a little, then try the one that has been down longest.
                 await asyncio.sleep(min(pause, remaining))
                 pause = min(pause * 2, 0.5)
-                continue
+                remaining = deadline - loop.time()
+                if remaining <= 0.001:
+                    continue
             member = self._pick()
             try:
                 resp = await attempt(member, min(cfg.attempt_timeout, remaining))
@@ -492,6 +498,11 @@ class Etcd:
                 if code not in _TRANSIENT:
                     raise self._error(exc, what) from exc
                 details = exc.details() or code.name
+                if _looks_like_tls(details):
+                    # Trust is configuration: every member and every retry would refuse it the same
+                    # way, so say so at once instead of after the whole timeout.
+                    raise EtcdUnavailableError(
+                        f"etcd unreachable at {self._where()}: {_short_text(details)}") from exc
                 if code == grpc.StatusCode.DEADLINE_EXCEEDED or not any(
                     s in details.lower() for s in _NOT_SENT
                 ):
@@ -592,9 +603,10 @@ class Etcd:
                 results.append(None)
         return TxnResult(bool(resp.succeeded), int(resp.header.revision), results, uncertain)
 
-    async def revision(self) -> int:
-        """The current store revision (a cheap linearizable read)."""
-        resp, _ = await self._unary("kv", "Range", _RangeRequest(key=b"\0"), what="read the revision")
+    async def revision(self, key: str = "\0") -> int:
+        """The current store revision (a cheap linearizable read). ``key`` is the key read for it:
+        a client whose etcd role covers only a prefix must name a key under that prefix."""
+        resp, _ = await self._unary("kv", "Range", _RangeRequest(key=_b(key)), what="read the revision")
         return int(resp.header.revision)
 
     async def compact(self, revision: int) -> None:
@@ -700,6 +712,8 @@ class Etcd:
                     if events:
                         next_rev = events[-1].kv.mod_revision + 1
                     yield WatchBatch(int(resp.header.revision), events, bool(resp.created))
+                    # The caller's time with the batch is not the stream's silence.
+                    last_rx = loop.time()
             except grpc.aio.AioRpcError as exc:
                 if exc.code() not in (*_TRANSIENT, grpc.StatusCode.INTERNAL, grpc.StatusCode.CANCELLED):
                     raise self._error(exc, f"watch {prefix!r}") from exc
@@ -758,10 +772,18 @@ def _short_text(text: str) -> str:
     if "connection refused" in text.lower():
         return "connection refused"
     if _looks_like_tls(text):
+        low = text.lower()
+        if "certificate_verify_failed" in low or "certificate verify failed" in low:
+            return "TLS handshake failed: the server's certificate is not signed by the given CA (--etcd-cafile)"
+        if "bad_certificate" in low or "certificate_required" in low or "certificate_expired" in low:
+            return ("TLS handshake failed: the server refused our client certificate (missing, expired, "
+                    "or not signed by a CA it trusts)")
         return (
             "TLS handshake failed (server certificate not trusted by the given CA,"
             " or a client certificate is missing or refused)"
         )
+    if text.lower().endswith("socket closed"):
+        return f"{text} (if this endpoint speaks TLS, use https:// and --etcd-cafile)"
     if len(text) > 300:
         text = text[:300].rsplit(" ", 1)[0] + " ..."
     return text

@@ -56,6 +56,7 @@ __all__ = [
     "Problem",
     "default_policy",
     "load_schema",
+    "max_slots",
     "parse_policy_file",
     "parse_policy_text",
     "policy_from_json",
@@ -453,6 +454,11 @@ def load_schema() -> dict[str, Any]:
     text = resources.files("locksmith").joinpath(SCHEMA_RESOURCE).read_text(encoding="utf-8")
     schema: dict[str, Any] = json.loads(text)
     return schema
+
+
+def max_slots() -> int:
+    """The largest ``slots`` a policy may have (the schema's bound; ``set-max`` keeps to it too)."""
+    return int(load_schema()["properties"]["slots"]["maximum"])
 
 
 @cache

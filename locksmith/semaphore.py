@@ -56,6 +56,7 @@ from locksmith.etcd import (
 )
 from locksmith.keys import DEFAULT_PREFIX, FORMAT_VERSION, Layout, check_id
 from locksmith.log import get_logger
+from locksmith.policy import max_slots
 from locksmith.windows import DurationError, parse_duration
 
 _log = get_logger(__name__)
@@ -351,8 +352,8 @@ class _View:
     def signature(self) -> tuple[object, ...]:
         """What the semaphore's keys are, without the revision: two views with equal signatures
         would make every waiter decide the same."""
-        return (self.policy_rev, self.pause_rev, tuple((h.id, h.revision) for h in self.holders.values()),
-                tuple((w.id, w.revision) for w in self.queue.values()), tuple(sorted(self.cooling)),
+        return (self.policy_rev, self.pause_rev, tuple(sorted((h.id, h.revision) for h in self.holders.values())),
+                tuple(sorted((w.id, w.revision) for w in self.queue.values())), tuple(sorted(self.cooling)),
                 tuple(sorted(self.corrupt)))
 
     def first(self, n: int) -> Iterable[str]:
@@ -409,6 +410,7 @@ class _Mirror:
         self._local: dict[str, list[asyncio.Event]] = {}
         self._task: asyncio.Task[None] | None = None
         self._checker: asyncio.Task[None] | None = None
+        self._last_event = 0.0  # loop time of the last applied batch (or check)
 
     async def start(self) -> None:
         """The first read happens in the caller, so that an unreachable etcd is the caller's error."""
@@ -480,13 +482,18 @@ class _Mirror:
                 backoff = min(backoff * 2, 5.0)
 
     async def _check_loop(self) -> None:
-        """While local waiters wait, compare the mirror with a fresh read every ``check_every``
-        seconds; if they still differ a moment later (not just the watch's latency), take the read.
-        A watch that stalls or misses an event then costs seconds, not a waiter for ever."""
+        """While local waiters wait and no event has come for ``check_every`` seconds (longer in a
+        long line, so that a fleet of idle waiters does not read a big group too often), compare
+        the mirror with a fresh read; if they still differ a moment later (not just the watch's
+        latency), take the read. A watch that stalls or missed an event then costs seconds of
+        fairness, not a waiter for ever."""
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.check_every)
-            if not self._local:
+            quiet = self.check_every * max(1.0, len(self.view.queue) / 50)
+            if not self._local or loop.time() - self._last_event < quiet:
                 continue
+            self._last_event = loop.time()
             try:
                 fresh = await _read(self.etcd, self.layout)
                 if fresh.revision <= self.view.revision or fresh.signature() == self.view.signature():
@@ -509,6 +516,7 @@ class _Mirror:
         view = self.view
         touched: list[str] = []
         seen = view.revision
+        self._last_event = asyncio.get_running_loop().time()
         for ev in events:
             if ev.kv.mod_revision <= seen:
                 continue  # already in a fresh read that replaced the view
@@ -556,8 +564,10 @@ class Semaphore:
 
     def __init__(
         self, etcd: Etcd, group: str = "default", *, prefix: str = DEFAULT_PREFIX, lease_ttl: int = 10,
-        clock: Clock = SYSTEM_CLOCK,
+        clock: Clock = SYSTEM_CLOCK, outage_tolerance: float = 30.0,
     ) -> None:
+        """``outage_tolerance``: how long a waiting lock() keeps waiting while etcd does not answer
+        (it then raises EtcdUnavailableError); 0 = raise at the first failed call."""
         if lease_ttl < 1:
             raise InvalidArgumentError(f"lease_ttl must be at least 1 second, got {lease_ttl}")
         self.etcd = etcd
@@ -566,6 +576,7 @@ class Semaphore:
         self.lease_ttl = lease_ttl
         self.clock = clock
         self.mirror_check_every = MIRROR_CHECK_EVERY
+        self.outage_tolerance = outage_tolerance
         self._by = audit.actor()
         self._mirror: _Mirror | None = None
         self._mirror_lock = asyncio.Lock()
@@ -574,6 +585,7 @@ class Semaphore:
         self._lease_guards: set[asyncio.Task[None]] = set()
         self._pruner = audit.Pruner()
         self._background: set[asyncio.Task[None]] = set()
+        self._abandoning: dict[str, asyncio.Task[None]] = {}  # id -> clean-up of a lock() that gave up
         self._closed = False
         self._closing = asyncio.Event()
 
@@ -589,6 +601,7 @@ class Semaphore:
         hold = _hold(hold_for, self.clock.now())
         mirror = await self._ensure_mirror()
         mirror.current()
+        await self._after_abandon(holder_id)
         held, checked_at = await self._read_holder(holder_id)
         if held is not None:
             return held
@@ -599,55 +612,79 @@ class Semaphore:
         tried_at = 0  # mirror revision of our last failed grant: don't retry until the mirror moves
         fast_tried = False
         granted: Holder | None = None
+        loop = asyncio.get_running_loop()
+        failing_since: float | None = None  # when etcd stopped answering this call
+        just_failed = False
+        delay = 0.1
         try:
             while True:
+                if not just_failed:
+                    failing_since, delay = None, 0.1
+                just_failed = False
                 wake.clear()
                 view = mirror.current()
-                if holder_id in view.holders and view.revision > checked_at:
-                    # The mirror says we hold: a grant of ours whose reply was lost and whose read-back
-                    # missed a late commit, or the same id granted through another Semaphore. Only a
-                    # fresh read is returned; the mirror may be stale.
-                    checked_at = view.revision
-                    granted, _ = await self._read_holder(holder_id)
-                    if granted is not None:
-                        return granted
-                if not enqueued_at:
-                    if not fast_tried and view.fast_path_open():
-                        fast_tried = True
-                        granted = await self._grant(view, holder_id, reason, hold, queued=None, att=att)
+                try:
+                    if holder_id in view.holders and view.revision > checked_at:
+                        # The mirror says we hold: a grant of ours whose reply was lost and whose read-back
+                        # missed a late commit, or the same id granted through another Semaphore. Only a
+                        # fresh read is returned; the mirror may be stale.
+                        checked_at = view.revision
+                        granted, _ = await self._read_holder(holder_id)
+                        if granted is not None:
+                            return granted
+                    if not enqueued_at:
+                        if not fast_tried and view.fast_path_open():
+                            fast_tried = True
+                            granted = await self._grant(view, holder_id, reason, hold, queued=None, att=att)
+                            if granted is not None:
+                                return granted
+                            continue
+                        att.queued = True
+                        enqueued_at, lease = await self._enqueue(holder_id, reason)
+                        continue
+                    if lease is not None and lease.lost.is_set():
+                        # etcd deleted our queue key with the lease; the mirror may not show it yet (a
+                        # stalled watch), but waiting for it could be for ever.
+                        _log.warning("semaphore_requeue", group=self.group, id=holder_id, cause="lease_lost")
+                        enqueued_at, lease = await self._enqueue(holder_id, reason, lease_suspect=True)
+                        continue
+                    if view.revision < enqueued_at:
+                        await wake.wait()
+                        continue
+                    me = view.queue.get(holder_id)
+                    if me is None:
+                        # Our key is gone: the lease expired (or someone deleted it). Join again, at the end.
+                        _log.warning("semaphore_requeue", group=self.group, id=holder_id, cause="queue_key_gone")
+                        enqueued_at, lease = await self._enqueue(holder_id, reason, lease_suspect=True)
+                        continue
+                    if view.revision > tried_at and view.eligible(holder_id):
+                        tried_at = view.revision
+                        granted = await self._grant(view, holder_id, reason, hold, queued=me, att=att)
                         if granted is not None:
                             return granted
                         continue
-                    att.queued = True
-                    enqueued_at, lease = await self._enqueue(holder_id, reason)
-                    continue
-                if lease is not None and lease.lost.is_set():
-                    # etcd deleted our queue key with the lease; the mirror may not show it yet (a
-                    # stalled watch), but waiting for it could be for ever.
-                    _log.warning("semaphore_requeue", group=self.group, id=holder_id, cause="lease_lost")
-                    enqueued_at, lease = await self._enqueue(holder_id, reason, lease_suspect=True)
-                    continue
-                if view.revision < enqueued_at:
                     await wake.wait()
-                    continue
-                me = view.queue.get(holder_id)
-                if me is None:
-                    # Our key is gone: the lease expired (or someone deleted it). Join again, at the end.
-                    _log.warning("semaphore_requeue", group=self.group, id=holder_id, cause="queue_key_gone")
-                    enqueued_at, lease = await self._enqueue(holder_id, reason, lease_suspect=True)
-                    continue
-                if view.revision > tried_at and view.eligible(holder_id):
-                    tried_at = view.revision
-                    granted = await self._grant(view, holder_id, reason, hold, queued=me, att=att)
-                    if granted is not None:
-                        return granted
-                    continue
-                await wake.wait()
+                except EtcdUnavailableError as exc:
+                    # A waiting lock() rides out an etcd outage (an election, quorum lost for a
+                    # while): raising would give up its place in the line. Its queue key is on a
+                    # lease etcd renews when a leader is back; an unknown grant outcome is
+                    # resolved by the next read of its own holder key (its nonce).
+                    just_failed = True
+                    tried_at = checked_at = 0  # try again after the backoff, moved or not
+                    failing_since = failing_since if failing_since is not None else loop.time()
+                    if loop.time() - failing_since >= self.outage_tolerance:
+                        raise
+                    _log.warning("semaphore_wait_etcd_unavailable", group=self.group, id=holder_id,
+                                 error=str(exc), retry_in=delay)
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(delay):
+                            await self._closing.wait()
+                    delay = min(delay * 2, 5.0)
         finally:
             mirror.unregister(holder_id, wake)
             if granted is None:
                 if att.queued or att.nonces:
-                    self._spawn(self._abandon(holder_id, att), "abandon")
+                    self._spawn_abandon(holder_id, att)
             elif att.queued and not att.queue_key_gone:
                 # Granted through a path that left our queue key (a lost reply, another Semaphore).
                 self._spawn(self._dequeue(holder_id), "dequeue")
@@ -656,6 +693,7 @@ class Semaphore:
         """Take a slot now or raise SlotUnavailableError; never waits and never jumps the queue."""
         check_id(holder_id)
         hold = _hold(hold_for, self.clock.now())
+        await self._after_abandon(holder_id)
         att = _Attempt()
         granted: Holder | None = None
         try:
@@ -683,7 +721,7 @@ class Semaphore:
             raise SlotUnavailableError(f"group {self.group!r} is contended: lost {_TRY_ATTEMPTS} races for a slot")
         finally:
             if granted is None and att.nonces:
-                self._spawn(self._abandon(holder_id, att), "abandon")
+                self._spawn_abandon(holder_id, att)
 
     async def unlock(self, holder_id: str, *, reason: str = "", by: str | None = None) -> bool:
         """Release the slot. False (and nothing written) if ``holder_id`` holds none. True exactly
@@ -706,8 +744,8 @@ class Semaphore:
     async def set_max(self, n: int) -> int:
         """Set the group's max (the policy's ``slots``), keeping every other policy field. Lowering
         evicts nobody; raising admits waiters at once. Returns the revision of the write."""
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise InvalidArgumentError(f"max must be an integer >= 1, got {n!r}")
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= max_slots():
+            raise InvalidArgumentError(f"max must be an integer from 1 to {max_slots()}, got {n!r}")
         while True:
             view = await _read(self.etcd, self.layout)
             view.check()
@@ -876,6 +914,19 @@ class Semaphore:
 
         await self._retry_until_closed("abandon", holder_id, step, report_give_up=bool(att.nonces))
 
+    def _spawn_abandon(self, holder_id: str, att: _Attempt) -> None:
+        task = self._spawn(self._abandon(holder_id, att), "abandon")
+        self._abandoning[holder_id] = task
+        task.add_done_callback(lambda t: self._abandoning.pop(holder_id, None) if self._abandoning.get(
+            holder_id) is t else None)
+
+    async def _after_abandon(self, holder_id: str) -> None:
+        # A new lock() of an id whose last lock() gave up waits for that clean-up: otherwise it
+        # could return, as its own, the very grant the clean-up is about to release.
+        pending = self._abandoning.get(holder_id)
+        if pending is not None:
+            await asyncio.shield(pending)  # the task itself never raises (guarded)
+
     async def _release_unreturned(self, holder_id: str, nonces: set[str]) -> None:
         key = self.layout.holder(holder_id)
         kv = await self.etcd.get(key)
@@ -891,7 +942,7 @@ class Semaphore:
             _log.warning("semaphore_unreturned_grant_released", group=self.group, id=holder_id,
                          revision=kv.mod_revision)
 
-    async def _read_back(self, what: str, read: Any) -> Any:
+    async def _read_back(self, what: str, read: Callable[[], Awaitable[Any]]) -> Any:
         """``read()`` after a write whose outcome is unknown, retried for a few seconds; raises
         EtcdUnavailableError naming ``what`` if etcd never answers."""
         last: EtcdError | None = None
@@ -1043,7 +1094,7 @@ class Semaphore:
         # Pruning reads the trail: do it off the caller's path so it never delays a hand-off.
         self._spawn(self._pruner.wrote(self.etcd, self.layout), "audit-prune")
 
-    def _spawn(self, coro: Coroutine[Any, Any, None], what: str) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None], what: str) -> asyncio.Task[None]:
         async def guarded() -> None:
             try:
                 await coro
@@ -1053,6 +1104,7 @@ class Semaphore:
         task = asyncio.create_task(guarded(), name=f"semaphore-{what}")
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
 
 def _since(kv: KeyValue) -> str | None:

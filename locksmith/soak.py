@@ -340,7 +340,8 @@ class Faults:
 
     async def compact_defrag(self, duration: float = 0.0) -> None:
         async def inject() -> None:
-            await self.etcd.compact(await self.etcd.revision())
+            rev = await self.etcd.revision()
+            await self._t(self.cluster.etcdctl, "compact", str(rev), "--physical")
             await self._t(self.cluster.etcdctl, "defrag", "--cluster")
 
         async def nothing() -> None:
@@ -441,7 +442,8 @@ FAULTS = ("sigkill-leader", "sigkill-follower", "sigstop-leader", "sigstop-follo
 
 async def run_soak(duration: float, *, processes: int = 4, per_process: int = 5, groups: int = 3,
                    seed: int | None = None, tail: float | None = None, stuck_after: float = 30.0,
-                   out: Callable[[str], None] = print) -> Report:
+                   out: Callable[[str], None] | None = None) -> Report:
+    out = out or (lambda line: print(line, flush=True))
     seed = seed if seed is not None else random.randrange(1 << 30)
     rng = random.Random(seed)
     names = [f"g{i}" for i in range(groups)]
@@ -473,8 +475,9 @@ async def run_soak(duration: float, *, processes: int = 4, per_process: int = 5,
                 if left < 3:
                     break
                 kind = rng.choice(FAULTS)
-                d = min(rng.uniform(1.0, 12.0), max(1.0, left - 2))
-                out(f"  t={time.monotonic() - t0:6.1f}s fault {kind} for {d:.1f}s (ops so far {pool.ops})")
+                d = 0.0 if kind == "compact-defrag" else min(rng.uniform(1.0, 12.0), max(1.0, left - 2))
+                out(f"  t={time.monotonic() - t0:6.1f}s fault {kind}" + (f" for {d:.1f}s" if d else "")
+                    + f" (ops so far {pool.ops})")
                 await _inject(faults, kind, d, names, maxes)
             last_fault_end = max((e for _, _, e in faults.injected), default=t0)
             await asyncio.sleep(max(0.0, t0 + duration - time.monotonic()))
@@ -488,7 +491,10 @@ async def run_soak(duration: float, *, processes: int = 4, per_process: int = 5,
         report.faults[name] = report.faults.get(name, 0) + 1
     _liveness(pool, report, last_fault_end, end, stuck_after)
     report.noise = pool.noise()
-    pool.cleanup()
+    if report.clean:
+        pool.cleanup()
+    else:
+        out("contenders' stderr kept in: " + " ".join(pool.stderr_paths))
     return report
 
 

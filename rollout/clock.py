@@ -73,6 +73,11 @@ class VirtualClock:
 
     # -- the simulator's side ------------------------------------------------------------------
 
+    def restart(self) -> None:
+        """Virtual time 0 is now (before any sleeper exists)."""
+        self._base_virtual = 0.0
+        self._base_real = time.monotonic()
+
     @property
     def flowed(self) -> float:
         """Virtual seconds that passed at ``rate`` (real time spent working × rate)."""
@@ -111,7 +116,7 @@ class VirtualClock:
 
     def _arm(self) -> None:
         deadline = self.next_deadline()
-        if deadline is None or deadline >= self._timer_at and self._timer is not None:
+        if deadline is None or (deadline >= self._timer_at and self._timer is not None):
             return
         if self._timer is not None:
             self._timer.cancel()
@@ -145,8 +150,8 @@ class Pacer:
     jump, not one each. ``limit`` (virtual elapsed seconds) bounds the jumps: the run's horizon.
     """
 
-    def __init__(self, clock: VirtualClock, parked: Callable[[], bool], *, settle: float = 0.02,
-                 poll: float = 0.005, limit: float | None = None, quantum: float = 0.0) -> None:
+    def __init__(self, clock: VirtualClock, parked: Callable[[], bool], *, settle: float = 0.004,
+                 poll: float = 0.001, limit: float | None = None, quantum: float = 0.0) -> None:
         self.clock = clock
         self.parked = parked
         self.settle = settle

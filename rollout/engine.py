@@ -41,6 +41,7 @@ COORDINATORS = ("ours", "locksmith-model", "kured-model")
 RELEASES = ("good", "bad", "flaky")
 FAULTS = ("member-kill", "agent-kill", "never-returns")
 DEFAULT_START = datetime(2026, 3, 23, 12, 0, tzinfo=UTC)  # a Monday noon UTC
+SAFETY_POLL = 3600.0  # virtual seconds between the coordinator's safety-net re-checks
 WRITE_METHODS = ("Put", "DeleteRange", "Txn", "LeaseGrant", "LeaseRevoke")
 
 
@@ -59,13 +60,14 @@ class Scenario:
     members: int = 1
     endpoints: tuple[str, ...] = ()
     coordinator: str = "ours"
-    rate: float = 20.0
+    rate: float = 10.0
     start: datetime = DEFAULT_START
     horizon: float = 14 * 86400.0
-    check_interval_minutes: float = 60.0
+    check_interval_minutes: float = 240.0
     kured_period: float = 3600.0
-    quantum: float = 2.0  # virtual seconds: timers this close together fire in one jump
-    settle: float = 0.02
+    boot_spread: float = 300.0  # virtual seconds: hosts power on at seeded instants within this span
+    quantum: float = 1.0  # virtual seconds: timers this close together fire in one jump
+    settle: float = 0.004
     workdir: Path | None = None
     label: str = ""
 
@@ -147,11 +149,18 @@ class Simulation:
         self.server: EmbeddedEtcd | None = None
         self.events: list[tuple[float, str, str]] = []  # (virtual, host, event)
         self.member_killed_at: float | None = None
+        self._downs = 0
+        self._finished = False
+        self._third_rebooted = asyncio.Event()
 
     # -- PowerObserver -------------------------------------------------------------------------------
 
     def power_changed(self, host: SimHost, power: str) -> None:
         assert self.watcher is not None
+        if power == "down":
+            self._downs += 1
+            if self._downs >= max(1, len(self.hosts) // 3):
+                self._third_rebooted.set()
         self.watcher.power(host.name, host.group, power)
         self.events.append((self.clock.elapsed(), host.name, f"power_{power}"))
 
@@ -235,7 +244,14 @@ class Simulation:
                 # Nothing in the simulation writes /run/reboot-required: no need to poll for it.
                 options = getattr(strategy, "options", None)
                 if options is not None and hasattr(options, "reboot_required_file"):
-                    strategy.options = replace(options, reboot_required_file=None)
+                    changes: dict[str, Any] = {"reboot_required_file": None}
+                    # The coordinator's safety-net re-checks (every minute while waiting for a
+                    # window, 30 s while queued) would wake every host once a virtual minute;
+                    # what they guard against arrives by watch and exact deadlines anyway.
+                    for name in ("window_poll", "queue_poll"):
+                        if hasattr(options, name):
+                            changes[name] = SAFETY_POLL
+                    strategy.options = replace(options, **changes)
                 return strategy
 
             return ours
@@ -254,6 +270,8 @@ class Simulation:
     # -- the parked test ------------------------------------------------------------------------------
 
     def _strategy_parked(self, host: SimHost) -> bool:
+        """The coordinator waits on a timer or on other hosts, and the watcher has already seen
+        what it last wrote (so no write of it is still on its way to the other hosts)."""
         strategy = host.strategy
         parked = getattr(strategy, "sim_parked", None)
         if parked is not None:
@@ -261,16 +279,23 @@ class Simulation:
         state = getattr(strategy, "state", None)
         if state is None:
             return True
+        assert self.watcher is not None
+        view = self.watcher.groups[host.group]
+        holds = host.machine_id in view.holders
+        queued = host.machine_id in view.queue
         value = getattr(state, "value", str(state))
-        if value in ("idle", "waiting_for_window", "failed"):
-            return True
+        if value in ("idle", "waiting_for_window"):
+            return not holds and not queued
+        if value == "failed":
+            return holds == bool(getattr(getattr(strategy, "rec", None), "keeps_slot", False)) and not queued
         if value == "queued":
-            assert self.watcher is not None
-            return self.watcher.free_slots(host.group) <= 0 and not self.watcher.cooling(host.group)
+            return queued and not holds and self.watcher.free_slots(host.group) <= 0
         return False
 
     def _parked(self) -> bool:
         assert self.watcher is not None
+        if self._finished:
+            return False  # nothing left to wait for: do not run time on
         if time.monotonic() - self.watcher.last_event_real < self.sc.settle:
             return False
         for group in self.watcher.groups:
@@ -284,14 +309,16 @@ class Simulation:
         assert self.watcher is not None
         if host.power == "dead":
             return True
-        if host.power != "up" or host.machine_id in self.watcher.groups[host.group].holders:
+        if host.power != "up":
             return False
         tl = host.timeline
-        if tl.healthy is not None:
-            return True
-        if tl.failed is not None and host.booted_slot() == "A" and tl.reboots >= 2:
-            return True
-        return False
+        if tl.failed is not None and tl.reboots >= 2 and host.booted_slot() == "A":
+            # Rolled back; with on_timeout = hold it keeps its slot on purpose.
+            view = self.watcher.groups[host.group]
+            return tl.failed_settled and (view.policy.on_timeout == "hold" or host.machine_id not in view.holders)
+        if host.machine_id in self.watcher.groups[host.group].holders:
+            return False
+        return tl.healthy is not None
 
     def _blocked(self, host: SimHost) -> bool:
         assert self.watcher is not None
@@ -340,12 +367,14 @@ class Simulation:
                                clock=self.clock, observer=self, reboot_duration=durations,
                                make_strategy=factory, never_returns=name == never)
                 host.kured_phase = self.rng.uniform(0, sc.kured_period)
+                host.boot_delay = self.rng.uniform(0, sc.boot_spread) if sc.boot_spread > 0 else 0.0
                 self.hosts.append(host)
                 self._by_name[name] = host
             self._live = self.hosts
             writes_before = await asyncio.to_thread(_etcd_writes, self._metrics_urls())
-            self.clock = self.clock  # time starts now, at the scenario's start
-            self.clock._base_real = time.monotonic()
+            # The agents' check jitter draws from the random module: seed it too.
+            random.seed(sc.seed)
+            self.clock.restart()  # virtual time starts now, at the scenario's start
             pacer = Pacer(self.clock, self._parked, settle=sc.settle, limit=sc.horizon, quantum=sc.quantum)
             label = f"{sc.label} " if sc.label else ""
             bar = Progress(self.progress_out, sc.hosts, self.clock, label)
@@ -398,6 +427,7 @@ class Simulation:
             done = sum(self.host_done(h) for h in self.hosts)
             bar.show(done)
             if done == len(self.hosts):
+                self._finished = True
                 return "complete"
             parked = self._parked()
             if parked and all(self.host_done(h) or self._blocked(h) for h in self.hosts):
@@ -428,13 +458,16 @@ class Simulation:
         return 2 * timeout + longest_gap + 3600
 
     async def _kill_member(self) -> None:
-        """Kill one etcd member (not the first, which the watcher's metrics read) a third of the way in."""
+        """Kill one etcd member (the leader) once a third of the hosts went down for their reboot."""
         if self.server is None or len(self.server.members) < 2:
             log.warning("fault_skipped", fault="member-kill", why="needs an embedded cluster of 3 (--members 3)")
             return
-        while sum(1 for h in self.hosts if h.timeline.reboots) < max(1, len(self.hosts) // 3):
-            await asyncio.sleep(0.05)
+        await self._third_rebooted.wait()
         victim = self.server.members[-1]
+        for i, m in enumerate(self.server.members):
+            with contextlib.suppress(Exception):
+                if (await asyncio.to_thread(self.server.metrics, i)).get("etcd_server_is_leader") == 1.0:
+                    victim = m  # the leader: the harder case
         await asyncio.to_thread(victim.kill)
         self.member_killed_at = self.clock.elapsed()
         log.warning("fault_member_killed", member=victim.name)
@@ -466,6 +499,7 @@ class Simulation:
             booted_new=tl.booted_new, agent_kills=h.agent_kills, flaky=h.name in self._flaky,
             waiting_window=tl.waiting_window, queued=tl.queued,
             down_intervals=_intervals(self.events, h.name),
+            queued_intervals=_state_intervals(h.timeline.events, "coordinator:queued", self.clock.elapsed()),
         )
 
 
@@ -478,6 +512,21 @@ def _intervals(events: list[tuple[float, str, str]], name: str) -> list[tuple[fl
             out.append((t, None))
         elif ev == "power_up" and out and out[-1][1] is None:
             out[-1] = (out[-1][0], t)
+    return out
+
+
+def _state_intervals(events: list[tuple[float, str]], state: str, end: float) -> list[tuple[float, float]]:
+    """Spans a host's coordinator spent in ``state`` (from its status transitions)."""
+    out: list[tuple[float, float]] = []
+    since: float | None = None
+    for t, ev in events:
+        if ev == state and since is None:
+            since = t
+        elif ev.startswith("coordinator:") and ev != state and since is not None:
+            out.append((since, t))
+            since = None
+    if since is not None:
+        out.append((since, end))
     return out
 
 

@@ -25,7 +25,7 @@ from updateagent.host import EmulatedHost
 
 log = get_logger("rollout.fleet")
 
-Power = Literal["up", "down", "dead"]
+Power = Literal["off", "up", "down", "dead"]
 
 
 class PowerObserver(Protocol):
@@ -85,6 +85,7 @@ class Timeline:
     failed: float | None = None          # health check failed / rolled back
     released: float | None = None        # holder key deleted (watcher)
     reboots: int = 0
+    failed_settled: bool = False         # the agent reported the rollback done (boot_outcome rolled_back)
     booted_new: bool = False             # the bootloader ever picked the new slot
     events: list[tuple[float, str]] = field(default_factory=list)
 
@@ -122,6 +123,8 @@ class SimHost:
         self._settings: Any = None
         self._build = build
         self.kured_phase = 0.0
+        self.boot_delay = 0.0
+        self.booting = True  # powering on: the bootloader runs, the agent is not started yet
         self.coordinator_state = ""
 
     # -- facts from the emulated hardware --------------------------------------------------------
@@ -134,6 +137,8 @@ class SimHost:
 
     def parked(self) -> bool:
         """True when nothing on this host happens before a timer fires or another host moves."""
+        if self.booting:
+            return False
         if self.power != "up":
             return True
         agent = self.agent
@@ -154,6 +159,12 @@ class SimHost:
     async def run(self, first_boot: Callable[[], Awaitable[None]] | None = None) -> None:
         from updateagent.daemon import build_agent
 
+        if self.boot_delay > 0:  # the fleet does not come up at one instant
+            self.power = "off"
+            self.booting = False
+            await self.clock.sleep(self.boot_delay)
+            self.booting = True
+            self.power = "up"
         await asyncio.to_thread(self.machine.power_cycle)  # power on: slot A
         while True:
             strategy = self.make_strategy(self) if self.make_strategy is not None else None
@@ -162,6 +173,7 @@ class SimHost:
             self.agent = agent
             self.strategy = strategy if strategy is not None else agent.reboot_strategy
             agent.subscribe(on_event=self._on_agent_event)
+            self.booting = False
             subscribe = getattr(self.strategy, "subscribe", None)
             if subscribe is not None and hasattr(self.strategy, "state"):
                 subscribe(self._on_coordinator_status)
@@ -200,6 +212,8 @@ class SimHost:
                 self._power("dead")
                 return
             await self.clock.sleep(self.reboot_duration())
+            # Powering on: from here the host works in real time (the bootloader, then the agent).
+            self.booting = True
             await asyncio.to_thread(self.machine.power_cycle)
             if self.booted_slot() == "B":
                 self.timeline.booted_new = True
@@ -254,6 +268,8 @@ class SimHost:
                 tl.healthy = now
             elif outcome in ("health_check_failed", "rolled_back") and tl.failed is None:
                 tl.failed = now
+            if outcome == "rolled_back":
+                tl.failed_settled = True
         self.observer.host_event(self, ev.event, **ev.details)
 
 

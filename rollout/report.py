@@ -42,6 +42,7 @@ class HostRow:
     waiting_window: float | None = None
     queued: float | None = None
     down_intervals: list[tuple[float, float | None]] = field(default_factory=list)
+    queued_intervals: list[tuple[float, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -265,7 +266,7 @@ def fmt_t(seconds: float | None) -> str:
     """Virtual seconds since the start as +[Nd]HH:MM:SS."""
     if seconds is None:
         return "-"
-    s = int(round(seconds))
+    s = round(seconds)
     d, s = divmod(s, 86400)
     h, s = divmod(s, 3600)
     m, s = divmod(s, 60)

@@ -21,16 +21,24 @@ ROLE_COMMANDS: tuple[tuple[str, ...], ...] = (
 )
 # A user with no role at all: what a stolen but unprivileged credential looks like.
 INTRUDER = ("user", "add", "intruder", "--new-user-password={intruder_password}", "--interactive=false")
+# The tighter alternative: one role per group, for hosts that log in by certificate (CN = user).
+GROUP_ROLE_COMMANDS: tuple[tuple[str, ...], ...] = (
+    ("role", "add", "agent-web"),
+    ("role", "grant-permission", "agent-web", "--prefix=true", "readwrite", "{prefix}groups/web/"),
+    ("role", "grant-permission", "agent-web", "--prefix=true", "readwrite", "{prefix}audit/web/"),
+    ("user", "add", "web-host", "--no-password"),
+    ("user", "grant-role", "web-host", "agent-web"),
+)
 
 
-def _fill(args: tuple[str, ...], prefix: str) -> list[str]:
-    values = {"prefix": prefix, **{f"{u}_password": p for u, p in PASSWORDS.items()}}
+def fill(args: tuple[str, ...], prefix: str, passwords: dict[str, str] = PASSWORDS) -> list[str]:
+    values = {"prefix": prefix, **{f"{u}_password": p for u, p in passwords.items()}}
     return [a.format(**values) for a in args]
 
 
 def setup_roles(server: EmbeddedEtcd, prefix: str = DEFAULT_PREFIX) -> None:
     """Create the agent and operator roles and users and a role-less intruder, then turn auth on
     with a root user (``server.config()`` then logs in as root)."""
-    for args in (*ROLE_COMMANDS, INTRUDER):
-        server.etcdctl(*_fill(args, prefix))
+    for args in (*ROLE_COMMANDS, INTRUDER, *GROUP_ROLE_COMMANDS):
+        server.etcdctl(*fill(args, prefix))
     server.enable_auth(PASSWORDS["root"])

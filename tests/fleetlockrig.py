@@ -1,9 +1,8 @@
 """Helpers for the FleetLock tests: a real server on 127.0.0.1 over the embedded etcd, a client
-that speaks the protocol over real HTTP, policies, and an independent holder recorder."""
+that speaks the protocol over real HTTP, and policies."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
@@ -81,63 +80,3 @@ async def running(etcd_config: EtcdConfig, prefix: str, *, clock: Clock = SYSTEM
 async def keys(etcd: Etcd, prefix: str, group: str) -> dict[str, bytes]:
     kvs, _ = await etcd.get_prefix(Layout(group, prefix).base)
     return {kv.key[len(Layout(group, prefix).base):]: kv.value for kv in kvs}
-
-
-class HolderRecorder:
-    """An independent view of ``holders/``: a plain etcd watch of the group from a known revision,
-    counting the holder keys after every revision's events. Not the semaphore's mirror, not the
-    server's read. ``sync()`` writes a key the semaphore ignores and waits for its event, so every
-    earlier revision has been seen."""
-
-    def __init__(self, etcd: Etcd, layout: Layout) -> None:
-        self.etcd = etcd
-        self.layout = layout
-        self.max_seen = 0
-        self.grants: list[str] = []
-        self.violations: list[tuple[int, list[str]]] = []
-        self.revision = 0
-        self._task: asyncio.Task[None] | None = None
-        self._changed = asyncio.Event()
-
-    async def start(self, limit: int) -> None:
-        kvs, rev = await self.etcd.get_prefix(self.layout.holders)
-        holders = {kv.key for kv in kvs}
-        self.revision = rev
-        self.max_seen = len(holders)
-
-        async def run() -> None:
-            async for batch in self.etcd.watch_prefix(self.layout.base, start_revision=rev + 1):
-                by_rev: dict[int, list[Any]] = {}
-                for ev in batch.events:
-                    by_rev.setdefault(ev.kv.mod_revision, []).append(ev)
-                for r in sorted(by_rev):
-                    self.revision = r
-                    for ev in by_rev[r]:
-                        if not ev.kv.key.startswith(self.layout.holders):
-                            continue
-                        if ev.kind == "put":
-                            if ev.kv.key not in holders:
-                                self.grants.append(ev.kv.key[len(self.layout.holders):])
-                            holders.add(ev.kv.key)
-                        else:
-                            holders.discard(ev.kv.key)
-                    self.max_seen = max(self.max_seen, len(holders))
-                    if len(holders) > limit:
-                        self.violations.append((r, sorted(holders)))
-                    self.revision = r
-                self._changed.set()
-
-        self._task = asyncio.create_task(run())
-
-    async def sync(self) -> None:
-        """Wait until the recorder has seen every revision up to now (bound it with asyncio.timeout)."""
-        revision = await self.etcd.put(self.layout.base + "recorder-sync", b"{}")
-        while self.revision < revision:
-            self._changed.clear()
-            await self._changed.wait()
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task

@@ -19,7 +19,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -33,7 +33,7 @@ from logind_standin import LogindStandin
 
 from locksmith.etcd import Etcd, EtcdConfig
 from locksmith.keys import Layout
-from updateagent.agent import Agent
+from updateagent.agent import Agent, Phase
 from updateagent.bootloader import EmulatedBootloader
 from updateagent.config import load_settings
 from updateagent.daemon import build_agent
@@ -57,11 +57,14 @@ class StepClock:
     def monotonic(self) -> float:
         return self.current.timestamp()
 
-    async def sleep(self, seconds: float) -> None:
-        target = self.current + timedelta(seconds=max(seconds, 0.0))
+    def sleep(self, seconds: float) -> Coroutine[Any, Any, None]:
+        # The end is fixed when sleep() is called, not when the coroutine first runs: the test may
+        # advance the clock in between, and a sleep must not then last longer than asked.
+        return self._until(self.current + timedelta(seconds=max(seconds, 0.0)))
+
+    async def _until(self, target: datetime) -> None:
         while self.current < target:
-            moved = self._moved
-            await moved.wait()
+            await self._moved.wait()
         await asyncio.sleep(0)
 
     def advance(self, seconds: float) -> None:
@@ -130,8 +133,8 @@ class HolderWatch:
             (held.add if ev.kind == "put" else held.discard)(ev.holder)
         return held
 
-    async def wait(self, pred: Callable[[], bool], timeout: float = 60) -> None:
-        async with asyncio.timeout(timeout):
+    async def wait(self, pred: Callable[[], bool], within: float = 60) -> None:
+        async with asyncio.timeout(within):
             while not pred():
                 self.changed.clear()
                 if pred():
@@ -162,6 +165,7 @@ class Machine:
         self.boots = 0
         self.reboot_hook: Callable[[Machine], Any] | None = None  # runs inside logind's Reboot, before the cycle
         self.overrides: dict[str, Any] = {}
+        self.changed = asyncio.Event()  # an in-process agent's or coordinator's status changed
         self.env: dict[str, str] = {}  # extra environment of the agent process
         self.boot()
 
@@ -234,15 +238,21 @@ class Machine:
         if self.process:
             env = {**os.environ, "UPDATE_AGENT_BUS_ADDRESS": self.bus.address, "PYTHONUNBUFFERED": "1", **self.env}
             env.pop("NOTIFY_SOCKET", None)
-            with self.log_path.open("ab") as log:
-                self.proc = subprocess.Popen(
-                    [str(VENV_BIN / "update-agent"), "--config", str(config), "--update-conf", "/nonexistent",
-                     "--log-level", "INFO"], stdout=log, stderr=log, env=env, stdin=subprocess.DEVNULL)
+            self.proc = await asyncio.to_thread(self._spawn, config, env)
             return
         settings = load_settings(config, update_conf_paths=(), env={})
         self.agent = build_agent(settings, clock=self.fleet.clock)
+        self.agent.subscribe(lambda _s: self.changed.set(), lambda _e: self.changed.set())
+        self.agent.reboot_strategy.subscribe(lambda _t: self.changed.set())
+        self.changed.set()
         await self.agent.start()
         self._runner = asyncio.create_task(self.agent.run())
+
+    def _spawn(self, config: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+        with self.log_path.open("ab") as log:
+            return subprocess.Popen(
+                [str(VENV_BIN / "update-agent"), "--config", str(config), "--update-conf", "/nonexistent",
+                 "--log-level", "INFO"], stdout=log, stderr=log, env=env, stdin=subprocess.DEVNULL)
 
     async def stop(self) -> None:
         if self.proc is not None:
@@ -286,29 +296,41 @@ class Machine:
         assert self.agent is not None and isinstance(self.agent.reboot_strategy, Coordinator)
         return self.agent.reboot_strategy
 
-    async def wait_state(self, state: CoordState, timeout: float = 60) -> None:
-        """In-process agents: until the coordinator is in ``state`` (across power cycles)."""
-        async with asyncio.timeout(timeout):
+    async def wait_for(self, pred: Callable[[Agent], bool], within: float = 60) -> None:
+        """In-process agents: until ``pred(agent)`` holds, re-checked at every status change of the
+        agent or its coordinator (across power cycles, which replace the agent)."""
+        async with asyncio.timeout(within):
             while True:
-                agent = self.agent
-                if agent is not None and isinstance(agent.reboot_strategy, Coordinator) \
-                        and agent.reboot_strategy.state is state:
+                self.changed.clear()
+                if self.agent is not None and pred(self.agent):
                     return
-                await asyncio.sleep(0.01)
+                await self.changed.wait()
 
-    async def wait_status(self, pred: Callable[[str], bool], timeout: float = 60) -> str:
-        """In-process agents: until the coordinator's status text satisfies ``pred``."""
-        async with asyncio.timeout(timeout):
-            while True:
-                agent = self.agent
-                if agent is not None:
-                    text = agent.reboot_strategy.status_text()
-                    if pred(text):
-                        return text
-                await asyncio.sleep(0.01)
+    async def wait_state(self, state: CoordState, within: float = 60) -> None:
+        await self.wait_for(lambda a: isinstance(a.reboot_strategy, Coordinator) and a.reboot_strategy.state is state,
+                            within)
+
+    async def wait_status(self, pred: Callable[[str], bool], within: float = 60) -> None:
+        await self.wait_for(lambda a: pred(a.reboot_strategy.status_text()), within)
+
+    async def wait_phase(self, phase: Phase, within: float = 60) -> None:
+        await self.wait_for(lambda a: a.phase is phase, within)
 
     def reboots(self) -> int:
         return len(self.logind.calls) if self.logind else 0
+
+
+async def poll_until(pred: Callable[[], Any], within: float = 60, every: float = 0.05) -> None:
+    """Until ``await pred()`` (or ``pred()``) is true. Only for what sends no event: another
+    process's files (no inotify here) and etcd state no watch of ours follows."""
+    async with asyncio.timeout(within):
+        while True:
+            value = pred()
+            if asyncio.iscoroutine(value):
+                value = await value
+            if value:
+                return
+            await asyncio.sleep(every)
 
 
 async def _maybe_await(value: Any) -> None:

@@ -14,7 +14,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from fleetrig import Fleet
+from fleetrig import Fleet, poll_until
 
 from locksmith import audit
 from updateagent.agent import Phase
@@ -30,12 +30,8 @@ async def fleet(tmp_path: Path, etcd_config, prefix: str) -> AsyncIterator[Fleet
         await f.close()
 
 
-async def _settled(machine, phase: Phase = Phase.IDLE, timeout: float = 60) -> None:
-    import asyncio
-
-    async with asyncio.timeout(timeout):
-        while machine.agent is None or machine.agent.phase is not phase:
-            await asyncio.sleep(0.01)
+async def _settled(machine, phase: Phase = Phase.IDLE) -> None:
+    await machine.wait_phase(phase)
 
 
 async def test_one_host_updates_reboots_and_releases(fleet: Fleet) -> None:
@@ -111,13 +107,21 @@ async def test_a_pause_while_queued_holds_the_grant_until_resume(fleet: Fleet) -
         await pause(fleet.etcd, fleet.group, "hold everything", prefix=fleet.prefix)
         await other.unlock("other-host")
     # The slot is free but the group is paused: the host's own mirror sees both, and waits.
-    import asyncio
-
-    async with asyncio.timeout(30):
-        while (q := m.coordinator.backend.queue()) is None or q.holders != 0 or not q.paused:
-            await asyncio.sleep(0.01)
+    await poll_until(lambda: (q := m.coordinator.backend.queue()) is not None and q.holders == 0 and q.paused)
     assert m.coordinator.state is CoordState.QUEUED
     assert m.coordinator.status_text() == "queued: group prod paused"
+    # The metrics say the same, the group's numbers from the semaphore mirror.
+    from prometheus_client import generate_latest
+
+    from updateagent.metrics import AgentMetrics
+
+    assert m.agent is not None
+    text = generate_latest(AgentMetrics(m.agent).registry).decode()
+    for line in ('update_agent_coordinator_state{state="queued"} 1.0', 'update_agent_group{what="paused"} 1.0',
+                 'update_agent_group{what="queue_length"} 1.0', 'update_agent_group{what="holders"} 0.0',
+                 'update_agent_group{what="slots"} 1.0', 'update_agent_coordinator_wait_seconds_total{for="window"} 0.0',
+                 'update_agent_coordinator_reboots_total{reason="update"} 0.0'):
+        assert line in text, text
     assert fleet.watch.grants(m.machine_id) == 0 and m.reboots() == 0
     await resume(fleet.etcd, fleet.group, prefix=fleet.prefix)
     await fleet.watch.wait(lambda: fleet.watch.releases(m.machine_id) == 1)
@@ -145,11 +149,7 @@ async def test_a_failed_health_check_rolls_back_spends_the_budget_and_stops_the_
 
     await _update_waits(good, fleet)
     await good.wait_state(CoordState.QUEUED)
-    import asyncio
-
-    async with asyncio.timeout(30):
-        while (q := good.coordinator.backend.queue()) is None or q.position != 1:
-            await asyncio.sleep(0.01)
+    await poll_until(lambda: (q := good.coordinator.backend.queue()) is not None and q.position == 1)
     assert good.reboots() == 0 and fleet.watch.grants(good.machine_id) == 0
 
 

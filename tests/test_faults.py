@@ -81,9 +81,11 @@ async def storm(maxes: dict[str, int], specs: list[list[tuple[str, str]]], *, tt
 
 
 async def test_sigstop_follower_past_the_election_timeout_costs_seconds_not_the_freeze() -> None:
-    # Defect 4. Bound: from 3 s into a 10 s freeze of a follower, every contender is granted twice
+    # Defect 4. Bound: from 3 s into a 12 s freeze of a follower, every contender is granted twice
     # more while the member is still frozen, and the grant rate over the rest of the freeze is at
-    # least a third of the rate before it. (Before the fix: near zero for the whole freeze.)
+    # least a third of the rate before it. (Before the fix: near zero for the whole freeze.) After
+    # the member wakes (it may call an election: etcd 3.5 has no pre-vote by default), everyone
+    # is granted again within 20 s.
     maxes = {"g0": 2, "g1": 2}
     async with storm(maxes, layout_specs(4, 3, list(maxes))) as s:
         t0 = time.monotonic()
@@ -94,12 +96,13 @@ async def test_sigstop_follower_past_the_election_timeout_costs_seconds_not_the_
         frozen_at = time.monotonic()
         try:
             await asyncio.sleep(3)
-            await s.pool.wait_all_granted_since(time.monotonic(), within=7, times=2)
-            await asyncio.sleep(max(0.0, frozen_at + 10 - time.monotonic()))
+            await s.pool.wait_all_granted_since(time.monotonic(), within=9, times=2)
+            await asyncio.sleep(max(0.0, frozen_at + 12 - time.monotonic()))
             during = s.rate(frozen_at + 3, time.monotonic())
         finally:
             s.cluster.members[follower].resume()
         assert during >= before / 3, f"{during:.1f} grants/s during the freeze, {before:.1f} before"
+        await s.pool.wait_all_granted_since(time.monotonic(), within=20)
         await s.verify()
 
 

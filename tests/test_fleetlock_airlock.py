@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import aiohttp
+import pytest
 from fleetlockrig import apply, keys, pre_reboot, running
 from test_fleetlock_protocol import AIRLOCK_EXAMPLE
 
@@ -129,3 +131,32 @@ async def test_overdue_holder_with_hold_counts_once_and_spends_the_budget(
     assert len(await budget.list_failures(etcd, "web", prefix=prefix)) == 1
     assert (await read_pause(etcd, "web", prefix=prefix)).source == "failure-budget"  # type: ignore[union-attr]
     assert "holders/node-a" in await keys(etcd, prefix, "web")
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None or not Path("/usr/lib/systemd/system").is_dir(),
+                    reason="needs systemd-analyze and the host's systemd units (Debian package systemd)")
+def test_systemd_unit_verifies_clean(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "etc" / "systemd" / "system").mkdir(parents=True)
+    (root / "opt" / "coreupdate" / "bin").mkdir(parents=True)
+    (root / "usr" / "lib" / "systemd").mkdir(parents=True)
+    shutil.copytree("/usr/lib/systemd/system", root / "usr" / "lib" / "systemd" / "system", symlinks=True)
+    (root / "lib").symlink_to("usr/lib")
+    unit = Path(__file__).parent.parent / "systemd" / "fleetlock-server.service"
+    shutil.copy(unit, root / "etc" / "systemd" / "system")
+    shutil.copy2(LOCKSMITHCTL, root / "opt" / "coreupdate" / "bin" / "locksmithctl")
+    r = subprocess.run(["systemd-analyze", "verify", f"--root={root}", "fleetlock-server.service"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout + r.stderr == "", r.stdout + r.stderr
+    (root / "opt" / "coreupdate" / "bin" / "locksmithctl").unlink()  # the check is real
+    r = subprocess.run(["systemd-analyze", "verify", f"--root={root}", "fleetlock-server.service"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "not executable" in r.stderr
+
+
+def test_serve_refuses_a_bad_config_in_one_line(etcd_server: EmbeddedEtcd, prefix: str, tmp_path: Path) -> None:
+    conf = tmp_path / "fleetlock.toml"
+    conf.write_text('[service]\ntls = true\n')
+    r = ctl(etcd_server, prefix, "fleetlock", "serve", "--config", str(conf))
+    assert r.returncode == 1 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert f"{conf}: service.tls: tls = true needs tls_cert_file and tls_key_file" in r.stderr

@@ -4,7 +4,9 @@ unchanged, except where the request must write (a grant, a release, a place in l
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import json
 import ssl
 from datetime import UTC, datetime, timedelta
@@ -260,3 +262,104 @@ async def test_mutual_tls(etcd: Etcd, etcd_config: EtcdConfig, prefix: str, tmp_
         ctx.load_cert_chain(str(client_cert), str(client_key))
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as with_cert:
             assert (await pre_reboot(with_cert, base, "a", GROUP)).status == 200
+
+
+async def test_a_slow_client_and_a_frozen_etcd_get_a_timeout_not_a_hang(prefix: str) -> None:
+    from locksmith.embedded import EmbeddedEtcd
+
+    with EmbeddedEtcd() as own:
+        etcd = await Etcd.connect(own.config())
+        try:
+            await apply(etcd, prefix, GROUP)
+            async with running(own.config(timeout=30.0), prefix, request_timeout=timedelta(seconds=1)) as server, \
+                    aiohttp.ClientSession() as session:
+                host, port = server.urls[0].removeprefix("http://").rsplit(":", 1)
+                # A client that sends its headers and half its body, then nothing.
+                reader, writer = await asyncio.open_connection(host, int(port))
+                raw = body("a", GROUP)
+                writer.write(b"POST /v1/pre-reboot HTTP/1.1\r\nHost: x\r\nfleet-lock-protocol: true\r\n"
+                             b"Content-Length: %d\r\n\r\n" % len(raw) + raw[: len(raw) // 2])
+                await writer.drain()
+                async with asyncio.timeout(20):
+                    status_line = await reader.readline()
+                assert status_line.startswith(b"HTTP/1.1 503"), status_line
+                writer.close()
+                # A client that trickles its headers and never ends them is cut off too.
+                reader, writer = await asyncio.open_connection(host, int(port))
+                writer.write(b"POST /v1/pre-reboot HTTP/1.1\r\nHost: x\r\n")
+                async with asyncio.timeout(20):
+                    with contextlib.suppress(ConnectionError):
+                        for _ in range(100):
+                            writer.write(b"X-Slow: 1\r\n")
+                            await writer.drain()
+                            if reader.at_eof():
+                                break
+                            with contextlib.suppress(TimeoutError):
+                                async with asyncio.timeout(0.2):
+                                    await reader.read(1)
+                    assert await reader.read() == b""
+                writer.close()
+                # etcd frozen (SIGSTOP): the request ends at request_timeout with kind "timeout".
+                own.members[0].pause()
+                try:
+                    async with asyncio.timeout(20):
+                        reply = await pre_reboot(session, server.urls[0], "b", GROUP)
+                finally:
+                    own.members[0].resume()
+                assert (reply.status, reply.kind) == (503, "timeout")
+        finally:
+            await etcd.close()
+
+
+async def test_forwarded_for_is_the_audited_address_only_when_trusted(
+        etcd: Etcd, etcd_config: EtcdConfig, prefix: str, session: aiohttp.ClientSession) -> None:
+    await apply(etcd, prefix, GROUP, "slots = 2")
+    fwd = {**HEADERS, "X-Forwarded-For": "10.1.2.3, 10.0.0.1"}
+    async with running(etcd_config, prefix) as server:
+        await call(session, f"{server.urls[0]}/v1/pre-reboot", data=body("a", GROUP), headers=fwd)
+    async with running(etcd_config, prefix, trust_forwarded_for=True) as server:
+        await call(session, f"{server.urls[0]}/v1/pre-reboot", data=body("b", GROUP), headers=fwd)
+    locks = {e.subject: e.detail["client"] for e in await audit.read(etcd, Layout(GROUP, prefix))
+             if e.action == "lock"}
+    assert locks == {"a": "127.0.0.1", "b": "10.0.0.1"}  # the proxy's entry, not the client's claim
+
+
+async def test_a_corrupt_stored_value_is_a_500_naming_the_key(
+        etcd: Etcd, etcd_config: EtcdConfig, prefix: str, session: aiohttp.ClientSession) -> None:
+    await apply(etcd, prefix, GROUP, "slots = 2")
+    await etcd.put(Layout(GROUP, prefix).holder("node-x"), b"not json")
+    async with running(etcd_config, prefix) as server:
+        before = await etcd.revision()
+        for reply in (await pre_reboot(session, server.urls[0], "node-a", GROUP),
+                      await steady_state(session, server.urls[0], "node-x", GROUP)):
+            assert (reply.status, reply.kind) == (500, "corrupt_state"), reply
+            assert "holders/node-x" in reply.doc["value"]
+        await _unchanged(etcd, before)
+
+
+async def test_a_host_keeps_its_place_while_it_asks_and_loses_it_when_it_stops(
+        etcd: Etcd, etcd_config: EtcdConfig, prefix: str, session: aiohttp.ClientSession) -> None:
+    layout = Layout(GROUP, prefix)
+    await apply(etcd, prefix, GROUP, "slots = 1")
+    async with running(etcd_config, prefix, queue_ttl=timedelta(seconds=2)) as server:
+        base = server.urls[0]
+        assert (await pre_reboot(session, base, "node-a", GROUP)).status == 200
+        assert (await pre_reboot(session, base, "node-b", GROUP)).kind == "no_slot"
+        place = await etcd.get(layout.waiter("node-b"))
+        assert place is not None and place.lease
+        # Asking every 0.3 s for three TTLs: the same key (same place) all along.
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 6
+        while loop.time() < end:
+            assert (await pre_reboot(session, base, "node-b", GROUP)).kind == "no_slot"
+            now = await etcd.get(layout.waiter("node-b"))
+            assert now is not None and now.create_revision == place.create_revision
+            await asyncio.sleep(0.3)
+        # Silent from now on: the lease runs out and the place goes (etcd's delete event).
+        _, rev = await etcd.get_prefix(layout.queue)
+        async with asyncio.timeout(30):
+            async for batch in etcd.watch_prefix(layout.queue, start_revision=rev + 1):
+                if any(ev.kind == "delete" and ev.kv.key == layout.waiter("node-b") for ev in batch.events):
+                    break
+        late = await pre_reboot(session, base, "node-c", GROUP)
+        assert "1st of 1 in line" in late.doc["value"]

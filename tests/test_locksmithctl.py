@@ -310,7 +310,7 @@ def test_usage_error_of_the_real_cli() -> None:
     p = ctl(None, None, "--endpoint", "http://127.0.0.1:9", "set-max", "0")
     assert p.returncode == 2, (p.stdout, p.stderr)
     assert "Traceback" not in p.stderr
-    assert p.stderr.splitlines()[-1] == "Error: Invalid value for 'N': 0 is not in the range x>=1."
+    assert p.stderr.splitlines()[-1] == "Error: Invalid value for 'N': 0 is not in the range 1<=x<=10000."
 
 
 # -- rendering -----------------------------------------------------------------------------------------

@@ -115,6 +115,12 @@ def test_3_failure_budget_has_an_upper_bound() -> None:
     assert parse_policy_text(HEAD + "slots = 10000\nfailure_budget = 10000\n").slots == 10000
 
 
+def test_3_set_max_has_the_same_bound(etcd_config: EtcdConfig, prefix: str) -> None:
+    r = run(etcd_config, prefix, "set-max", "100000000000000000000000000000")
+    assert r.exit_code == 2 and "100000000000000000000000000000 is not in the range 1<=x<=10000" in r.stderr
+    assert run(etcd_config, prefix, "set-max", "10000").exit_code == 0
+
+
 def test_3_integer_of_thousands_of_digits() -> None:
     with pytest.raises(PolicyError, match="Exceeds the limit"):
         parse_policy_text(HEAD + "slots = " + "9" * 5000 + "\n")

@@ -9,8 +9,8 @@ retry runs, as when the member that forwarded the request dies.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import contextlib
+import dataclasses
 import json
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 from test_semaphore import delete_of, put_of, queued, wait_event
 
-from locksmith import audit
+from locksmith import audit, semaphore
 from locksmith.errors import EtcdUnavailableError
-from locksmith.etcd import Etcd, EtcdConfig, LostReply, WatchBatch
+from locksmith.etcd import Etcd, EtcdConfig, Event, KeyValue, LostReply, WatchBatch
 from locksmith.keys import Layout
 from locksmith.semaphore import Semaphore, read_state
 
@@ -188,6 +188,45 @@ async def test_lock_never_returns_another_groups_grant(etcd_config: EtcdConfig, 
         await leaky.close()
 
 
+class _ForgedStream(Etcd):
+    """A real connection whose watch, once it has delivered ``queue/b``'s put, also delivers a
+    grant of ``b`` that never happened (holder put + queue delete), as a stream replaying a stale
+    or misrouted batch would."""
+
+    async def watch_prefix(self, prefix: str, *, start_revision: int, max_backoff: float = 5.0
+                           ) -> AsyncIterator[WatchBatch]:
+        forged = False
+        async for batch in super().watch_prefix(prefix, start_revision=start_revision, max_backoff=max_backoff):
+            yield batch
+            for ev in batch.events:
+                if not forged and ev.kind == "put" and ev.kv.key == prefix + "queue/b":
+                    forged = True
+                    record = json.dumps({"format_version": 1, "id": "b", "since": "2024-01-01T00:00:00+00:00",
+                                         "deadline": None, "reason": "", "by": "ghost"}).encode()
+                    rev = ev.kv.mod_revision
+                    yield WatchBatch(rev, [
+                        Event("put", KeyValue(prefix + "holders/b", record, rev, rev, 1)),
+                        Event("delete", KeyValue(prefix + "queue/b", b"", 0, rev, 0)),
+                    ])
+
+
+async def test_lock_never_returns_a_holder_only_its_mirror_shows(
+    etcd_config: EtcdConfig, etcd: Etcd, sem: Semaphore, layout: Layout
+) -> None:
+    await sem.lock("a")
+    forged = await _ForgedStream.connect(etcd_config)
+    waiting = Semaphore(forged, "g", prefix=layout.prefix)
+    waiting.mirror_check_every = 1.0  # the self-check repairs the mirror within seconds
+    try:
+        task = await queued(etcd, waiting, "b", await etcd.revision())
+        assert await sem.unlock("a")
+        h = await asyncio.wait_for(task, 20)
+        assert h.by != "ghost" and h.revision == await _holder_rev(etcd, layout, "b")
+    finally:
+        await waiting.close()
+        await forged.close()
+
+
 # -- defect 5: a waiter whose lease expired re-queues, even when its watch has stalled ----------
 
 
@@ -262,28 +301,81 @@ async def test_lock_cancelled_as_its_grant_commits_releases_the_slot(
         await other.close()
 
 
-async def test_lock_that_raises_after_an_unknown_outcome_holds_nothing(
+async def test_lock_again_right_after_a_cancel_gets_a_slot_it_really_has(
     etcd: Etcd, sem: Semaphore, layout: Layout
 ) -> None:
-    # Every reply lost *and* etcd unreadable for the read-back: lock() cannot know, so it raises,
-    # and the grant that did commit is released in the background once etcd answers.
-    reads_fail = [True]
+    # The cancelled call's clean-up releases the grant nobody was given; a new lock() of the same
+    # id must not return that grant as its own just before it goes.
+    await sem.lock("a")
+    other = Semaphore(etcd, "g", prefix=layout.prefix, lease_ttl=60)
+    task = await queued(etcd, other, "w", await etcd.revision())
+    cancelled: list[bool] = []
+
+    def cancel_on_commit(request: Any) -> bool:
+        if grant_of(layout, "w")(request) and not cancelled:
+            cancelled.append(True)
+            task.cancel()
+        return False
+
+    fault = LostReply("Txn", match=cancel_on_commit)
+    other.etcd.lost_replies.append(fault)
+    try:
+        await sem.unlock("a")
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 10)
+        again = await asyncio.wait_for(other.lock("w"), 10)
+        assert again.revision == await _holder_rev(etcd, layout, "w")
+        assert await other.unlock("w") is True
+    finally:
+        other.etcd.lost_replies.remove(fault)
+        await other.close()
+
+
+def _unreadable_holder_key(sem: Semaphore, holder_id: str) -> list[bool]:
+    """Make ``get`` of the holder key fail (the read-back after an unknown outcome) until the
+    returned flag is cleared; every other read works."""
+    fail = [True]
     client = sem.etcd
     real_get = client.get
 
     async def get(key: str) -> Any:
-        if reads_fail[0] and key == layout.holder("a"):
+        if fail[0] and key == sem.layout.holder(holder_id):
             raise EtcdUnavailableError("etcd unreachable at test: injected")
         return await real_get(key)
 
     client.get = get  # type: ignore[method-assign]
+    return fail
+
+
+async def test_lock_that_raises_after_an_unknown_outcome_holds_nothing(
+    etcd: Etcd, sem: Semaphore, layout: Layout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every reply lost *and* the read-back unanswered, with no outage tolerated: lock() cannot
+    # know, so it raises, and the grant that did commit is released once etcd answers.
+    monkeypatch.setattr(semaphore, "_READ_BACK_DELAYS", (0.05, 0.05), raising=False)
+    sem.outage_tolerance = 0
+    fail = _unreadable_holder_key(sem, "a")
     rev = await etcd.revision()
     with lost_reply(sem.etcd, grant_of(layout, "a"), every_attempt=True):
         with pytest.raises(EtcdUnavailableError, match="outcome unknown"):
             await asyncio.wait_for(sem.lock("a"), 30)
-    reads_fail[0] = False
+    fail[0] = False
     await wait_event(etcd, layout.holders, rev + 1, delete_of(layout.holder("a")), within=15)
     assert (await read_state(etcd, "g", prefix=layout.prefix)).holders == []
     entries = [e for e in await audit.read(etcd, layout) if e.subject == "a"]
     assert [e.action for e in entries] == ["lock", "unlock"]
-    assert json.loads(json.dumps(entries[1].detail))["unreturned"] is True
+    assert entries[1].detail["unreturned"] is True
+
+
+async def test_lock_rides_out_an_unknown_outcome_and_returns_its_grant(
+    etcd: Etcd, sem: Semaphore, layout: Layout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The same, with the default outage tolerance: lock() keeps waiting and recognises its grant
+    # (its own nonce) by the next fresh read, instead of giving up its place.
+    monkeypatch.setattr(semaphore, "_READ_BACK_DELAYS", (0.05, 0.05), raising=False)
+    _unreadable_holder_key(sem, "a")
+    with lost_reply(sem.etcd, grant_of(layout, "a"), every_attempt=True):
+        h = await asyncio.wait_for(sem.lock("a"), 30)
+    assert h.revision == await _holder_rev(etcd, layout, "a")
+    st = await read_state(etcd, "g", prefix=layout.prefix)
+    assert ([x.id for x in st.holders], st.queue) == (["a"], [])

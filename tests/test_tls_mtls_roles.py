@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
+import aiohttp
 import pytest
 from etcdroles import setup_roles
 from pki import CertPair, Pki, make_pki
@@ -27,12 +28,13 @@ from locksmith.semaphore import Semaphore
 
 T = TypeVar("T")
 LOCKSMITHCTL = str(Path(sys.executable).with_name("locksmithctl"))
+REFUSED = "TLS handshake failed: the server refused our client certificate"
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"), members=3, clients=("root", "agent", "operator", "intruder"),
-                    expired=("agent",), rogue=("agent",))
+    return make_pki(tmp_path_factory.mktemp("pki"), members=3,
+                    clients=("root", "agent", "operator", "intruder", "web-host"), expired=("agent",), rogue=("agent",))
 
 
 @pytest.fixture(scope="module")
@@ -126,20 +128,58 @@ def test_agent_cannot_touch_keys_outside_the_prefix(cluster: EmbeddedEtcd, pki: 
     assert store_revision(cluster) == before
 
 
+def test_a_per_group_role_confines_a_host_to_its_group(cluster: EmbeddedEtcd, pki: Pki) -> None:
+    async def lock_in(group: str) -> list[str]:
+        async with await Etcd.connect(as_cert(cluster, pki, pki.clients["web-host"])) as etcd:
+            s = Semaphore(etcd, group)
+            try:
+                await s.lock("web-1")
+                return [h.id for h in (await s.state()).holders]
+            finally:
+                await s.close()
+
+    assert asyncio.run(lock_in("web")) == ["web-1"]
+    before = store_revision(cluster)
+    with pytest.raises(EtcdAuthError, match=f"denied permission to read '{Layout('db').base}'"):
+        asyncio.run(lock_in("db"))
+    assert store_revision(cluster) == before
+
+
+def test_fleetlock_server_over_mtls_with_the_agent_role(cluster: EmbeddedEtcd, pki: Pki) -> None:
+    from fleetlockrig import HEADERS, body, call, running
+
+    cfg = as_cert(cluster, pki, pki.clients["agent"])
+
+    async def go() -> tuple[int, int, str | None]:
+        async with running(cfg, DEFAULT_PREFIX, any_group=True) as server, aiohttp.ClientSession() as http:
+            ready = await call(http, server.urls[0] + "/-/ready", method="GET", headers={})
+            grant = await call(http, server.urls[0] + "/v1/pre-reboot", data=body("zincati-1", "fl-tls"),
+                               headers=HEADERS)
+            return ready.status, grant.status, grant.kind
+
+    # /-/ready reads its revision under the prefix: the agent role (prefix only) is enough. Reading
+    # it from a key outside the prefix, as the server did before, is refused.
+    with pytest.raises(EtcdAuthError, match="denied permission to read the revision"):
+        run(cfg, lambda etcd: etcd.revision())
+    assert asyncio.run(go()) == (200, 200, None)
+    holders = run(cfg, lambda etcd: etcd.get_prefix(Layout("fl-tls").holders))[0]
+    assert [kv.key.rsplit("/", 1)[1] for kv in holders] == ["zincati-1"]
+
+
 # -- refused clients: one line, nothing changed -------------------------------------------------------
 
 
 def test_wrong_ca(cluster: EmbeddedEtcd, pki: Pki) -> None:
     before = store_revision(cluster)
     p = ctl(cluster, *cert_args(pki, pki.clients["operator"], ca=pki.other_ca), "set-max", "5")
-    one_line(p, cluster.endpoints[0], "TLS handshake failed")
+    one_line(p, cluster.endpoints[0], "TLS handshake failed: the server's certificate is not signed by the given CA")
     assert store_revision(cluster) == before
 
 
 def test_expired_client_certificate(cluster: EmbeddedEtcd, pki: Pki) -> None:
     before = store_revision(cluster)
     p = ctl(cluster, *cert_args(pki, pki.expired["agent"]), "lock", "node-x")
-    one_line(p, cluster.endpoints[0])
+    one_line(p, cluster.endpoints[0], REFUSED)
     with pytest.raises(EtcdUnavailableError):
         run(as_cert(cluster, pki, pki.expired["agent"]), lambda etcd: etcd.get(DEFAULT_PREFIX + "x"))
     assert store_revision(cluster) == before
@@ -147,13 +187,13 @@ def test_expired_client_certificate(cluster: EmbeddedEtcd, pki: Pki) -> None:
 
 def test_client_certificate_from_another_ca(cluster: EmbeddedEtcd, pki: Pki) -> None:
     before = store_revision(cluster)
-    one_line(ctl(cluster, *cert_args(pki, pki.rogue["agent"]), "lock", "node-x"), cluster.endpoints[0])
+    one_line(ctl(cluster, *cert_args(pki, pki.rogue["agent"]), "lock", "node-x"), cluster.endpoints[0], REFUSED)
     assert store_revision(cluster) == before
 
 
 def test_no_client_certificate(cluster: EmbeddedEtcd, pki: Pki) -> None:
     before = store_revision(cluster)
-    one_line(ctl(cluster, "--etcd-cafile", str(pki.ca), "lock", "node-x"), cluster.endpoints[0])
+    one_line(ctl(cluster, "--etcd-cafile", str(pki.ca), "lock", "node-x"), cluster.endpoints[0], REFUSED)
     assert store_revision(cluster) == before
 
 
@@ -163,15 +203,15 @@ def test_plaintext_against_the_tls_endpoint(cluster: EmbeddedEtcd) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOCKSMITHCTL_")}
     p = subprocess.run([LOCKSMITHCTL, "--endpoint", ",".join(plain), "lock", "node-x"],
                        capture_output=True, text=True, env=env, timeout=60)
-    one_line(p, plain[0])
+    one_line(p, plain[0], "Socket closed (if this endpoint speaks TLS, use https:// and --etcd-cafile)")
     assert store_revision(cluster) == before
 
 
 def test_certificate_of_a_user_without_a_role(cluster: EmbeddedEtcd, pki: Pki) -> None:
     before = store_revision(cluster)
     key = Layout("default").holder("node-x")
-    line = one_line(ctl(cluster, *cert_args(pki, pki.clients["intruder"]), "lock", "node-x"), "permission")
-    assert DEFAULT_PREFIX in line, line
+    one_line(ctl(cluster, *cert_args(pki, pki.clients["intruder"]), "lock", "node-x"),
+             f"denied permission to read '{Layout('default').base}': etcdserver: permission denied")
     with pytest.raises(EtcdAuthError, match=f"denied permission to put '{key}'"):
         run(as_cert(cluster, pki, pki.clients["intruder"]), lambda etcd: etcd.put(key, b"{}"))
     assert store_revision(cluster) == before

@@ -196,6 +196,10 @@ def parse_manifest(data: bytes, where: str = MANIFEST_NAME) -> Manifest:
         raise ChannelError(f"{where}: not UTF-8 text (byte {exc.start})") from exc
     except json.JSONDecodeError as exc:
         raise ChannelError(f"{where}: not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
+    except RecursionError:
+        raise ChannelError(f"{where}: not valid JSON: nested too deeply") from None
+    except ValueError as exc:  # an integer beyond int()'s digit limit
+        raise ChannelError(f"{where}: not valid JSON: {str(exc).split(';')[0]}") from None
     if not isinstance(doc, dict):
         raise ChannelError(f"{where}: expected a JSON object, got {type(doc).__name__}")
     unknown = sorted(set(doc) - set(_REQUIRED) - set(_OPTIONAL))

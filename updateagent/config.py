@@ -261,6 +261,10 @@ def read_raw(
             toml = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: invalid TOML: arrays or tables nested too deeply") from None
+        except ValueError as exc:  # an integer beyond int()'s digit limit
+            raise ConfigError(f"{path}: invalid TOML: {str(exc).split(';')[0]}") from None
         toml_source = str(path)
     update_conf: dict[str, str] = {}
     update_source = "<none>"
@@ -771,8 +775,7 @@ def _show(value: object) -> str:
     if isinstance(value, tuple | list):
         return "[" + ", ".join(_show(v) for v in value) + "]"
     if isinstance(value, WindowSet):
-        windows = value.to_json()
-        return f"{windows['windows']} ({windows['time_zone']})"
+        return window_summary(value)
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     return str(value)

@@ -288,13 +288,15 @@ def _read_table(fd: int, path: str, sector_size: int) -> GptTable:
 def _open(path: str | os.PathLike[str], writable: bool) -> Iterator[int]:
     p = os.fspath(path)
     try:
-        fd = os.open(p, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+        # O_NONBLOCK: opening a FIFO by mistake must not wait for a writer; cleared again below.
+        fd = os.open(p, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as exc:
         raise GptError(f"{p}: cannot open: {exc.strerror}") from exc
     try:
         mode = os.fstat(fd).st_mode
         if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
             raise GptError(f"{p}: not a regular file or block device")
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
         # Serialises read-modify-write cycles of processes sharing this disk (agent, bootloader).
         fcntl.flock(fd, fcntl.LOCK_EX if writable else fcntl.LOCK_SH)
         yield fd

@@ -102,7 +102,7 @@ async def logind_sessions(bus_address: str | None) -> list[Session]:
     rows = body[0] if body else []
     out = []
     for row in rows if isinstance(rows, list) else []:
-        if isinstance(row, list) and len(row) >= 4:
+        if isinstance(row, list | tuple) and len(row) >= 4:
             out.append(Session(str(row[0]), int(row[1]), str(row[2]), str(row[3])))
     return out
 
@@ -233,7 +233,7 @@ class EmulatedHost:
             return
         await asyncio.to_thread(self.power_cycle)
         log.info("reboot_emulated", disk=str(self.disk), reboots=self.reboots)
+        self.rebooted.set()
 
     async def sessions(self) -> list[Session]:
         return await logind_sessions(self.bus_address) if self.logind else []
-        self.rebooted.set()

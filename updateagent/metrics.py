@@ -89,6 +89,55 @@ class _Gauges(Collector):
         yield from (info, state, last, nxt, deny)
 
 
+class _CoordinatorMetrics(Collector):
+    """The reboot coordinator (docs/coordinator.md): read at scrape time from the strategy's
+    ``metrics()``; the group's numbers come from its semaphore mirror, never from etcd."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    def describe(self) -> Iterator[Metric]:
+        return self._families({}, samples=False)
+
+    def collect(self) -> Iterator[Metric]:
+        read = getattr(self.agent.reboot_strategy, "metrics", None)
+        m: dict[str, Any] = {}
+        if callable(read):
+            try:
+                m = read()
+            except Exception as exc:  # a scrape must never fail on the coordinator's account
+                log.warning("coordinator_metrics_failed", error=str(exc))
+        return self._families(m, samples=True)
+
+    @staticmethod
+    def _families(m: dict[str, Any], *, samples: bool) -> Iterator[Metric]:
+        from prometheus_client.core import CounterMetricFamily
+
+        from updateagent.strategy.coordinator import COORDINATOR_STATES
+
+        state = GaugeMetricFamily("update_agent_coordinator_state",
+                                  "1 for the reboot coordinator's state, else 0.", labels=("state",))
+        waits = CounterMetricFamily("update_agent_coordinator_wait_seconds",
+                                    "Seconds spent waiting for a window and for a slot.", labels=("for",))
+        reboots = CounterMetricFamily("update_agent_coordinator_reboots", "Reboots the coordinator asked for, "
+                                      "by reason (update, rollback, reboot-required).", labels=("reason",))
+        failures = CounterMetricFamily("update_agent_coordinator_failures_reported",
+                                       "Failures this host reported against its group's budget.")
+        group = GaugeMetricFamily("update_agent_group", "The agent's own group, from the semaphore mirror: "
+                                  "holders, queue_length, slots, paused, failures.", labels=("what",))
+        if samples and m:
+            for name in COORDINATOR_STATES:
+                state.add_metric([name], 1.0 if name == m.get("state") else 0.0)
+            waits.add_metric(["window"], float(m.get("window_wait_seconds", 0.0)))
+            waits.add_metric(["slot"], float(m.get("slot_wait_seconds", 0.0)))
+            for reason in sorted({"update", "rollback", "reboot-required", *m.get("reboots", {})}):
+                reboots.add_metric([reason], float(m.get("reboots", {}).get(reason, 0)))
+            failures.add_metric([], float(m.get("failures_reported", 0)))
+            for what, value in sorted(m.get("group", {}).items()):
+                group.add_metric([what], float(value))
+        yield from (state, waits, reboots, failures, group)
+
+
 class AgentMetrics:
     """The metrics of one agent. ``close()`` unregisters them, so that the next agent (after an
     emulated reboot, in the daemon) can register the same names in the same registry."""
@@ -116,7 +165,7 @@ class AgentMetrics:
         for outcome in BOOT_OUTCOMES:
             self._boots.labels(outcome)
         self._collectors: tuple[Collector, ...] = (self._gauges, self._checks, self._downloaded, self._applies,
-                                                   self._apply_duration, self._boots)
+                                                   self._apply_duration, self._boots, _CoordinatorMetrics(agent))
         registered: list[Collector] = []
         try:
             for collector in self._collectors:

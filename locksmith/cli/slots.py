@@ -17,6 +17,7 @@ from locksmith.errors import InvalidArgumentError, LocksmithError
 from locksmith.etcd import Etcd
 from locksmith.keys import check_id
 from locksmith.machineid import machine_id
+from locksmith.policy import max_slots
 from locksmith.semaphore import Holder, Semaphore
 
 T = TypeVar("T")
@@ -89,7 +90,7 @@ def unlock(obj: CliContext, holder_id: str | None) -> None:
 
 
 @main.command("set-max")
-@click.argument("n", type=click.IntRange(min=1))
+@click.argument("n", type=click.IntRange(min=1, max=max_slots()))
 @click.pass_obj
 def set_max(obj: CliContext, n: int) -> None:
     """Set how many nodes of the group may hold a slot at once (the policy's "slots")."""

@@ -14,7 +14,7 @@ Ours, all optional:
     [service]  tls_cert_file, tls_key_file (needed with tls = true), client_ca_file (mTLS: only
                clients with a certificate from this CA get an answer), token_file (a shared
                token: ``Authorization: Bearer <token>``, or the password of HTTP Basic auth),
-               trust_forwarded_for (false: take the client address from X-Forwarded-For)
+               trust_forwarded_for (false; true: the client address is X-Forwarded-For's last entry)
     [etcd3]    ca_file, username, password_file, prefix ("locksmith/v1/")
     [fleetlock] max_body_bytes (4096), request_timeout ("10s"), queue_ttl ("15m"),
                any_group (false: only groups with a stored policy are served)

@@ -106,6 +106,8 @@ def parse_request(header: str | None, body: bytes) -> ClientParams:
         raise FleetLockError("bad_json", f"body is not JSON: {exc.msg} ({where})") from None
     except RecursionError:
         raise FleetLockError("bad_json", "body is not JSON: nested too deeply") from None
+    except ValueError as exc:  # an integer beyond int()'s digit limit
+        raise FleetLockError("bad_json", f"body is not JSON: {str(exc).split(';')[0]}") from None
     if not isinstance(doc, dict):
         raise FleetLockError("bad_json", f"body must be a JSON object, got {_json_type(doc)}")
     params = doc.get("client_params")

@@ -32,7 +32,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from locksmith.clock import SYSTEM_CLOCK, Clock
-from locksmith.errors import EtcdError, LocksmithError
+from locksmith.errors import CorruptValueError, EtcdError, LocksmithError
 from locksmith.etcd import Etcd
 from locksmith.fleetlock.airlock import import_groups
 from locksmith.fleetlock.config import ServerSettings, read_token
@@ -46,7 +46,6 @@ _log = get_logger(__name__)
 
 _ENDPOINTS = {PRE_REBOOT: "pre-reboot", STEADY_STATE: "steady-state", "/-/ready": "ready", "/metrics": "metrics"}
 _SERVICE_KEY = web.AppKey("fleetlock_service", FleetLockService)
-_METRICS_KEY = web.AppKey("fleetlock_metrics", object)
 _MAX_LINE = 8190  # aiohttp's default request-line and header-field limits, stated
 
 
@@ -63,6 +62,9 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+_METRICS_KEY = web.AppKey("fleetlock_metrics", Metrics)
 
 
 @dataclass
@@ -105,10 +107,11 @@ def build_app(service: FleetLockService, *, metrics: Metrics | None = None, max_
 def _client_address(request: web.Request, trust_forwarded_for: bool) -> str:
     remote = request.remote or "unknown"
     if trust_forwarded_for:
-        forwarded = request.headers.get("X-Forwarded-For", "")
-        first = forwarded.split(",")[0].strip()
-        if first:
-            return first[:64]
+        # The last entry is the one the proxy in front of us added; earlier ones are whatever the
+        # client sent, and a client can send anything.
+        last = request.headers.get("X-Forwarded-For", "").split(",")[-1].strip()
+        if last:
+            return last[:64]
     return remote
 
 
@@ -139,7 +142,7 @@ async def _ready(request: web.Request) -> web.Response:
 
 
 async def _metrics(request: web.Request) -> web.Response:
-    metrics: Any = request.app[_METRICS_KEY]
+    metrics = request.app[_METRICS_KEY]
     return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
@@ -204,6 +207,8 @@ def _middleware(limits: _Limits, metrics: Metrics) -> Callable[..., Awaitable[we
             error = FleetLockError("timeout", f"no answer within {limits.request_timeout:g}s (is etcd slow?)")
         except EtcdError as exc:
             error = FleetLockError("etcd_unavailable", f"etcd: {exc}")
+        except CorruptValueError as exc:
+            error = FleetLockError("corrupt_state", f"{exc}; an operator must fix or delete it")
         except LocksmithError as exc:
             error = FleetLockError("internal", str(exc))
         except Exception as exc:
@@ -307,7 +312,11 @@ class FleetLockServer:
                   etcd=list(s.etcd.endpoints), tls=s.tls, client_ca=bool(s.client_ca_file), token=token is not None)
 
     async def _listen(self, app: web.Application, host: str, port: int, ctx: ssl.SSLContext | None) -> list[str]:
+        # keepalive_timeout also bounds a connection from its start until its request's headers
+        # are in (aiohttp closes a connection still waiting for a message then): a client that
+        # trickles its headers is cut off like one that sends nothing.
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0,
+                               keepalive_timeout=self.settings.request_timeout.total_seconds(),
                                max_line_size=_MAX_LINE, max_field_size=_MAX_LINE)
         await runner.setup()
         self._runners.append(runner)

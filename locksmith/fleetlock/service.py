@@ -1,5 +1,5 @@
 """FleetLock's two operations on our etcd state: one request, one read and (at most) one
-transaction, so any number of server replicas can answer for the same groups.
+transaction, so any number of server replicas can answer for the same groups (docs/fleetlock.md).
 
 pre-reboot(id, group), after one range read of ``groups/<group>/`` at revision R:
 
@@ -10,22 +10,23 @@ pre-reboot(id, group), after one range read of ``groups/<group>/`` at revision R
    "release"`` its slot is freed (``Semaphore.release_overdue``); then the request starts again.
 4. The policy decides: ``strategy = "off"`` refuses (reboots_off); a paused group refuses
    (paused); outside every window, or with less than ``min_window_remaining`` of it left, refuses
-   (outside_window, with when it opens next); within ``cooldown`` of the last grant refuses
-   (cooldown). ``strategy = "reboot"`` is then granted without a slot (audited, nothing held).
-5. The slot: granted only if a slot is free *and* the host is within the first ``free`` places
-   of the semaphore's FIFO queue (or the queue is empty). The grant is the semaphore's own grant
-   transaction (same compares, so both our agents and FleetLock hosts share the ``max``):
-   policy unchanged, no pause key, no ``holders/<id>``, no holder created since R (with the count
-   read at R below ``max``), and either our own queue key unchanged or no queue key created since R.
+   (outside_window, with when it opens next). ``strategy = "reboot"`` is then granted without a
+   slot (audited, nothing held).
+5. The slot: free slots are ``slots`` minus the holders minus the slots in their cooldown (the
+   semaphore's ``cooldown/`` keys, one per release while the policy has a cooldown, on a lease
+   of the cooldown's length). Granted only if the host is within the first ``free`` places of
+   the semaphore's FIFO queue (or the queue is empty); else cooldown or no_slot. The grant has
+   the semaphore's compares (so our agents and FleetLock hosts share the ``max``): policy
+   unchanged, no pause key, no ``holders/<id>``, no holder (and with a cooldown no cooldown key)
+   created since R, and either our own queue key unchanged or no queue key created since R.
 6. A host refused in 4 or 5 keeps its place in line: a queue key ``queue/<id>`` on a lease of
    its own (TTL ``queue_ttl``), created on its first refusal and kept alive by each later request.
    A host that stops asking drops out of the line when the lease expires. This is how FIFO
    fairness works under FleetLock's polling: the protocol has no "wait", so the line is held
    for the host between its polls.
 
-steady-state(id, group): deletes ``holders/<id>`` (compare: its revision as read) with an audit
-entry, or the host's queue key when it has no slot (it no longer asks); else 200 with nothing
-written.
+steady-state(id, group): the semaphore's own ``unlock`` (audited, with the cooldown key), or the
+host's queue key deleted when it has no slot (it no longer asks); else 200 with nothing written.
 
 Every grant and release carries an audit entry in the same transaction, reason ``via fleetlock
 from <address>``. A write whose reply was lost (``TxnResult.uncertain``) is recognised on the next
@@ -37,10 +38,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Coroutine
+import random
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, tzinfo
-from typing import Any
+from typing import Any, TypeVar
 
 from locksmith import audit, budget
 from locksmith.clock import SYSTEM_CLOCK, Clock
@@ -60,8 +62,10 @@ _log = get_logger(__name__)
 
 # Rounds of read-decide-transact before answering "contended": each lost round means another
 # writer's transaction landed in between, so this only runs out under a storm of writes.
-_ROUNDS = 8
+_ROUNDS = 16
 DEFAULT_QUEUE_TTL = timedelta(minutes=15)
+_CACHE_LIMIT = 50_000
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,9 @@ class Answer:
     """A 200: what was done (for logs and metrics)."""
 
     result: str  # granted | held | released | not_held | dequeued | granted_no_slot
+
+
+_GRANT = Answer("grant")  # _decide's "a grant may be sent"
 
 
 @dataclass
@@ -111,34 +118,62 @@ class FleetLockService:
         self.any_group = any_group
         self.by = by or f"fleetlock:{audit.actor()}"
         self._semaphores: dict[str, Semaphore] = {}
+        self._grant_locks: dict[str, asyncio.Lock] = {}
+        self._cache: dict[tuple[str, int], object] = {}
+        self._refreshed: dict[int, float] = {}  # lease -> when this replica last kept it alive
         self._background: set[asyncio.Task[None]] = set()
 
     # -- the two operations ------------------------------------------------------------------
 
     async def pre_reboot(self, params: ClientParams, client: str) -> Answer:
         layout = Layout(params.group, self.prefix)
-        for _ in range(_ROUNDS):
+        lock = self._grant_locks.setdefault(params.group, asyncio.Lock())
+        for attempt in range(_ROUNDS):
             snap = await self._read(layout)
-            if params.id in snap.holders:
-                return Answer("held")
-            policy = self._policy(snap)
-            if await self._handle_overdue(snap, policy):
-                continue
-            now = self.clock.now()
-            refusal = self._refusal(snap, policy, now)
-            if refusal is None and policy.strategy == "reboot":
-                await self._grant_without_slot(snap, params, client, now)
-                return Answer("granted_no_slot")
-            if refusal is None:
-                refusal = self._slot_refusal(snap, policy, params.id, now)
-            if refusal is not None:
-                if refusal.kind != "reboots_off":
-                    await self._keep_place(snap, params.id, client)
-                raise refusal
-            if await self._grant(snap, policy, params, client, now):
-                return Answer("granted")
+            answer = await self._decide(snap, params, client)
+            if answer is not _GRANT:
+                if answer is None:
+                    continue
+                return answer
+            # Grants of one group from this replica go one at a time: concurrent grants would fail
+            # each other's "no holder created since R" compare. A grant that had to wait decides
+            # again from a fresh read; an uncontended one uses the read it has.
+            waited = lock.locked()
+            async with lock:
+                if waited:
+                    snap = await self._read(layout)
+                    answer = await self._decide(snap, params, client)
+                    if answer is None:
+                        continue
+                    if answer is not _GRANT:
+                        return answer
+                if await self._grant(snap, self._policy(snap), params, client, self.clock.now()):
+                    return Answer("granted")
+            # Lost to another writer (another replica, an agent): spread the retries out.
+            await asyncio.sleep(random.uniform(0, 0.005 * (attempt + 1)))
         raise FleetLockError("contended", f"group {params.group!r} changed under {_ROUNDS} attempts in a row; "
                                           "ask again")
+
+    async def _decide(self, snap: _Snapshot, params: ClientParams, client: str) -> Answer | None:
+        """Answer now (held, granted without a slot), raise the refusal, None to read again, or
+        ``_GRANT`` when a slot grant may be sent."""
+        if params.id in snap.holders:
+            return Answer("held")
+        policy = self._policy(snap)
+        if await self._handle_overdue(snap, policy):
+            return None
+        now = self.clock.now()
+        refusal = self._refusal(snap, policy, now)
+        if refusal is None and policy.strategy == "reboot":
+            await self._grant_without_slot(snap, params, client, now)
+            return Answer("granted_no_slot")
+        if refusal is None:
+            refusal = self._slot_refusal(snap, policy, params.id, now)
+        if refusal is not None:
+            if refusal.kind != "reboots_off":
+                await self._keep_place(snap, params.id, client)
+            raise refusal
+        return _GRANT
 
     async def steady_state(self, params: ClientParams, client: str) -> Answer:
         layout = Layout(params.group, self.prefix)
@@ -153,6 +188,10 @@ class FleetLockService:
                     _log.info("fleetlock_released", group=params.group, id=params.id, client=client)
                     return Answer("released")
                 continue
+            own = layout.holder(params.id)
+            if own in snap.corrupt:  # "not held" would be a lie: the key is there
+                raise FleetLockError("corrupt_state", f"stored value at {own!r} is invalid ({snap.corrupt[own]}); "
+                                                      "an operator must fix or delete it")
             _place, entry = snap.place(params.id)
             if entry is not None:  # it asked for a slot and no longer does: its place goes
                 kv = entry[1]
@@ -165,8 +204,9 @@ class FleetLockService:
                                           "ask again")
 
     async def ready(self) -> int:
-        """etcd answers a linearizable read: its revision."""
-        return await self.etcd.revision()
+        """etcd answers a linearizable read: its revision (read under our prefix, so that a role
+        limited to the prefix is enough)."""
+        return await self.etcd.revision(self.prefix)
 
     async def close(self) -> None:
         for sem in self._semaphores.values():
@@ -189,10 +229,10 @@ class FleetLockService:
                 elif rel.startswith("holders/"):
                     snap.holder_keys += 1
                     holder_id = rel[len("holders/"):]
-                    snap.holders[holder_id] = parse_holder(kv, holder_id)
+                    snap.holders[holder_id] = self._parsed(kv, lambda kv=kv, i=holder_id: parse_holder(kv, i))
                 elif rel.startswith("queue/"):
                     waiter_id = rel[len("queue/"):]
-                    snap.queue.append((parse_waiter(kv, waiter_id), kv))
+                    snap.queue.append((self._parsed(kv, lambda kv=kv, i=waiter_id: parse_waiter(kv, i)), kv))
                 elif rel.startswith("cooldown/"):
                     snap.cooling.append(kv)
                 elif rel.startswith("failures/"):
@@ -209,7 +249,8 @@ class FleetLockService:
             policy = default_policy(group)
         else:
             try:
-                policy = parse_stored_policy(snap.policy_kv, group)
+                kv = snap.policy_kv
+                policy = self._parsed(kv, lambda: parse_stored_policy(kv, group))
             except CorruptValueError as exc:
                 _log.error("fleetlock_policy_invalid", group=group, key=exc.key, problem=exc.problem)
                 raise FleetLockError("corrupt_state", f"the stored policy of group {group!r} is invalid "
@@ -348,10 +389,18 @@ class FleetLockService:
         ttl = int(self.queue_ttl.total_seconds())
         if entry is not None:
             kv = entry[1]
-            if kv.lease and await self.etcd.lease_keepalive_once(kv.lease) > 0:
-                return
             if not kv.lease:
                 return  # not ours to refresh (a lease-less queue key is an operator's doing)
+            # A keep-alive is a stream round trip: one per lease per third of its TTL is plenty
+            # (the key was read just now, so the lease is alive; it then has 2/3 of its TTL left).
+            now = self.clock.monotonic()
+            if now - self._refreshed.get(kv.lease, -ttl) < ttl / 3:
+                return
+            if await self.etcd.lease_keepalive_once(kv.lease) > 0:
+                if len(self._refreshed) >= _CACHE_LIMIT:
+                    self._refreshed.clear()
+                self._refreshed[kv.lease] = now
+                return
         layout = snap.layout
         value = _dumps({"format_version": FORMAT_VERSION, "id": node_id, "since": self.clock.now().isoformat(),
                         "reason": f"via fleetlock from {client}", "by": self.by})
@@ -359,6 +408,8 @@ class FleetLockService:
         res = await self.etcd.txn([absent(layout.waiter(node_id))], [Put(layout.waiter(node_id), value, lease=lease)])
         if not res.succeeded:  # another replica queued the same host meanwhile
             self._spawn(self.etcd.lease_revoke(lease), "lease-revoke")
+            return
+        self._refreshed[lease] = self.clock.monotonic()
 
     async def _handle_overdue(self, snap: _Snapshot, policy: Policy) -> bool:
         """Count each overdue holder once against the budget and, with on_timeout = release, free
@@ -389,6 +440,20 @@ class FleetLockService:
         return changed
 
     # -- helpers -----------------------------------------------------------------------------
+
+    def _parsed(self, kv: KeyValue, parse: Callable[[], _T]) -> _T:
+        """``parse()`` of a stored value, once per (key, revision): a value never changes at a
+        revision, and a group with hundreds of holders (or a policy checked against its schema)
+        is otherwise parsed again on every request. A value that does not parse is not cached."""
+        mark = (kv.key, kv.mod_revision)
+        hit = self._cache.get(mark)
+        if hit is not None:
+            return hit  # type: ignore[no-any-return]
+        value = parse()
+        if len(self._cache) >= _CACHE_LIMIT:
+            self._cache.clear()
+        self._cache[mark] = value
+        return value
 
     def _semaphore(self, group: str) -> Semaphore:
         sem = self._semaphores.get(group)

@@ -158,8 +158,15 @@ class CoordinatorOptions:
     reboot_required_file: Path | None = Path("/run/reboot-required")
     reboot_required_poll: float = 60.0
     session_poll: float = 60.0
+    # Safety-net re-checks while waiting for a window / queued (real changes arrive by watch and
+    # exact deadlines); the simulator lengthens them so idle hosts cost no jumps.
+    window_poll: float = 60.0
+    queue_poll: float = 30.0
     retry_after_failure: float = 600.0  # a failed pre-reboot hook or reboot call: try again after this
     group: str = ""
+    # Crash-point tests only (env UPDATE_AGENT_TEST_HOLD_IN): stop in this state, once it is
+    # persisted, so that a test can SIGKILL the agent exactly there.
+    hold_in: str = ""
 
     @classmethod
     def from_settings(cls, settings: AgentSettings) -> CoordinatorOptions:
@@ -168,7 +175,8 @@ class CoordinatorOptions:
             getattr(settings, "fleetlock", None), "group", settings.group)
         return cls(local_window=r.local_window, pre_reboot_dir=r.pre_reboot_dir, post_boot_dir=r.post_boot_dir,
                    hook_timeout=r.hook_timeout, max_session_wait=r.max_session_wait,
-                   reboot_required_file=r.reboot_required_file, group=group)
+                   reboot_required_file=r.reboot_required_file, group=group,
+                   hold_in=os.environ.get("UPDATE_AGENT_TEST_HOLD_IN", ""))
 
 
 @dataclass(frozen=True)
@@ -335,6 +343,11 @@ class Coordinator:
         except Exception as exc:
             log.error("coordinator_host_unknown", error=str(exc))
         self._resume()
+        # A backend that acts on every agent start (FleetLock's steady-state, as Zincati sends it)
+        # learns whether this host is inside an episode that holds its slot.
+        on_start = getattr(self.backend, "agent_started", None)
+        if on_start is not None:
+            on_start(self._holder_id, self.rec.state in _HOLDING or self.rec.keeps_slot)
         self._task = asyncio.create_task(self._run(), name="reboot-coordinator")
 
     async def reboot_needed(self, request: RebootRequest) -> None:
@@ -406,12 +419,12 @@ class Coordinator:
         if state is CoordState.WAITING_FOR_WINDOW:
             if gate.paused:
                 return f"waiting for window: group {group} paused"
-            if self._next_open is None:
+            opens = self._next_open or next_opening(now, self._sets(gate), gate.min_window_remaining)
+            if opens is None:
                 return "waiting for window: no window opens again"
             tz = self._display_tz(gate)
-            when = self._next_open.astimezone(tz)
-            return (f"waiting for window: opens {when:%a %H:%M} {_tz_name(tz, when)} "
-                    f"(in {_human(self._next_open - now)})")
+            when = opens.astimezone(tz)
+            return f"waiting for window: opens {when:%a %H:%M} {_tz_name(tz, when)} (in {_human(opens - now)})"
         if state is CoordState.QUEUED:
             q = self.backend.queue()
             if gate.paused:
@@ -468,6 +481,17 @@ class Coordinator:
             "last_error": self.last_error,
         }
 
+    def metrics(self) -> dict[str, Any]:
+        """Numbers for updateagent.metrics: the state, the counters, the group from the mirror."""
+        c = self.counters
+        try:
+            group = self.backend.group_metrics()
+        except Exception:  # read from another thread while the loop mutates it: skip this scrape
+            group = {}
+        return {"state": self.rec.state.value, "window_wait_seconds": c.window_wait_seconds,
+                "slot_wait_seconds": c.slot_wait_seconds, "reboots": dict(c.reboots),
+                "failures_reported": c.failures_reported, "group": group}
+
     def _display_tz(self, gate: Gate) -> tzinfo:
         if gate.windows is not None and not gate.windows.always_open:
             return gate.windows.tz
@@ -499,6 +523,9 @@ class Coordinator:
     async def _run(self) -> None:
         while not self._closing:
             state = self.rec.state
+            if state.value == self.options.hold_in:
+                log.warning("coordinator_held_for_test", state=state.value)
+                await asyncio.Event().wait()
             try:
                 wake_at = await self._handlers[state]()
                 self._backend_failures = 0
@@ -589,7 +616,7 @@ class Coordinator:
             self._transition(CoordState.QUEUED, "window open")
             return None
         self._tell()
-        return _earliest(tend_at, self._next_open, now + timedelta(minutes=1))
+        return _earliest(tend_at, self._next_open, now + timedelta(seconds=self.options.window_poll))
 
     async def _tick_queued(self) -> datetime | None:
         await self._ensure_backend()
@@ -613,7 +640,7 @@ class Coordinator:
             self._transition(CoordState.HOLDING, f"slot granted (revision {grant.revision})")
             return None
         self._tell()
-        return _earliest(tend_at, until, now + timedelta(seconds=30))
+        return _earliest(tend_at, until, now + timedelta(seconds=self.options.queue_poll))
 
     async def _tick_holding(self) -> datetime | None:
         await self._ensure_backend()

@@ -56,6 +56,7 @@ class EtcdSlot:
         self.failures = 0  # the group's failure count, as of this host's last report or start
         self._released_overdue: set[int] = set()
         self._reported_overdue: set[int] = set()
+        self._acquiring = False
 
     # ----------------------------------------------------------------------- life
 
@@ -110,16 +111,31 @@ class EtcdSlot:
                     cooldown_until=None, ready=True, problem=reader.error or "")
 
     async def wait_changed(self) -> None:
+        """The policy or pause changed; while queued also: our own keys changed or our turn came
+        (the semaphore mirror's wake-up for this id, so the status shows the queue as it moves)."""
         if self.reader is None:
             await asyncio.Event().wait()
         assert self.reader is not None
-        await self.reader.changed()
+        mirror = getattr(self.sem, "_mirror", None) if self._acquiring else None
+        if mirror is None:
+            await self.reader.changed()
+            return
+        wake = mirror.register(self.holder_id)
+        waits = {asyncio.ensure_future(self.reader.changed()), asyncio.ensure_future(wake.wait())}
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            mirror.unregister(self.holder_id, wake)
+            for w in waits:
+                w.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
 
     # ----------------------------------------------------------------------- the slot
 
     async def acquire(self, reason: str) -> Grant:
         assert self.sem is not None and self.reader is not None
         hold = self.reader.policy.reboot_timeout
+        self._acquiring = True
         try:
             holder = await self.sem.lock(self.holder_id, reason=reason, hold_for=hold)
         except asyncio.CancelledError:
@@ -127,10 +143,23 @@ class EtcdSlot:
             # we left (bounded: a dead etcd must not hold up the coordinator).
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(LEAVE_TIMEOUT):
-                    while (st := self._mirror()) is not None and any(w.id == self.holder_id for w in st.queue):
-                        await asyncio.sleep(0.05)
+                    await self._left_queue()
             raise
+        finally:
+            self._acquiring = False
         return _grant(holder)
+
+    async def _left_queue(self) -> None:
+        mirror = getattr(self.sem, "_mirror", None)
+        if mirror is None:
+            return
+        wake = mirror.register(self.holder_id)  # set when our own keys change
+        try:
+            while (st := self._mirror()) is not None and any(w.id == self.holder_id for w in st.queue):
+                await wake.wait()
+                wake.clear()
+        finally:
+            mirror.unregister(self.holder_id, wake)
 
     async def held(self) -> Grant | None:
         assert self.sem is not None

@@ -1,0 +1,297 @@
+"""What an idle update-agent costs: memory, CPU, and etcd requests, in the etcd-lock strategy.
+
+    .venv/bin/python benchmarks/agent_idle.py [--seconds 60] [--json]
+
+One ``update-agent`` process (the daemon, as systemd runs it: D-Bus served on a private
+dbus-daemon, metrics endpoint on) runs an emulated machine (a GPT image and the emulated
+bootloader) with ``[reboot] strategy = "etcd-lock"`` against a single-member EmbeddedEtcd. It
+has booted, found nothing to do, and waits: no update pending, next check 45 minutes away. After
+it reports READY (over a real NOTIFY_SOCKET, with a watchdog, as under systemd) and a warm-up,
+the script measures over ``--seconds``:
+
+- RSS: VmRSS of the agent at the end, and VmHWM (its peak);
+- CPU: user + system time of the agent (``/proc/<pid>/stat``) over the wall time, in % of one core;
+- etcd requests per minute, from etcd's own ``/metrics`` deltas over the window: unary RPCs
+  (``grpc_server_started_total`` by method) and messages on the streams
+  (``grpc_server_msg_received_total`` for Watch and LeaseKeepAlive).
+
+Baselines, measured in the same run and printed as ratios:
+
+- ``python``: a bare interpreter, ``python -c`` sleeping (the floor of any Python daemon);
+- ``imports``: an interpreter that imported ``updateagent.daemon`` (everything the agent loads),
+  then sleeps: the floor of this agent before it does anything;
+- ``off``: the same agent with ``strategy = "off"``: what the coordinator and etcd client add.
+
+A third agent shows the other quiet state of etcd-lock, ``queued``: ``/run/reboot-required`` (a
+temp path) asks for a reboot while another holder (taken by this script, no lease) has the
+group's only slot, so the agent waits in the queue for the whole window: its watch and its
+lease's keep-alives are what etcd should see, nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import select
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+from dbusbus import PrivateBus  # noqa: E402
+from gptimg import MiB, make_disk  # noqa: E402
+
+from locksmith.embedded import EmbeddedEtcd  # noqa: E402
+from locksmith.etcd import Etcd, EtcdConfig  # noqa: E402
+from locksmith.semaphore import Semaphore, read_state  # noqa: E402
+from updateagent.bootloader import EmulatedBootloader  # noqa: E402
+
+AGENT = str(Path(sys.executable).parent / "update-agent")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+STREAMS = ("Watch", "LeaseKeepAlive")
+
+
+def _proc_status(pid: int) -> dict[str, int]:
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
+
+
+def _rpc_counts(metrics: dict[str, float]) -> dict[str, float]:
+    """Unary calls started and stream messages received, by gRPC method."""
+    out: dict[str, float] = {}
+    for name, value in metrics.items():
+        if not name.startswith(("grpc_server_started_total{", "grpc_server_msg_received_total{")):
+            continue
+        method = name.split('grpc_method="', 1)[1].split('"', 1)[0]
+        kind = name.split('grpc_type="', 1)[1].split('"', 1)[0] if 'grpc_type="' in name else "unary"
+        if name.startswith("grpc_server_started_total") and kind == "unary":
+            out[method] = out.get(method, 0.0) + value
+        elif name.startswith("grpc_server_msg_received_total") and method in STREAMS:
+            out[f"{method} (stream msgs)"] = out.get(f"{method} (stream msgs)", 0.0) + value
+    return out
+
+
+def _idle_sleeper(code: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-c", f"{code}\nimport time\ntime.sleep(3600)"],
+                            stdin=subprocess.DEVNULL)
+
+
+def _measure_sleeper(code: str, settle: float) -> dict[str, float]:
+    proc = _idle_sleeper(code)
+    try:
+        # An import-only process is ready once its RSS stops growing.
+        last, deadline = -1, time.monotonic() + 60
+        while time.monotonic() < deadline:
+            time.sleep(settle)
+            rss = _proc_status(proc.pid)["VmRSS"]
+            if rss == last:
+                break
+            last = rss
+        cpu0, t0 = _cpu_seconds(proc.pid), time.monotonic()
+        time.sleep(settle * 4)
+        cpu = (_cpu_seconds(proc.pid) - cpu0) / (time.monotonic() - t0)
+        return {"rss": float(_proc_status(proc.pid)["VmRSS"]), "cpu_pct": 100 * cpu}
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+GROUP = "bench"
+BLOCKER = "blocker"
+
+
+async def _blocker(etcd: EmbeddedEtcd, take: bool) -> None:
+    """Take (or give back) the group's only slot as another host would; a holder has no lease."""
+    client = await Etcd.connect(EtcdConfig(endpoints=etcd.endpoints))
+    try:
+        async with Semaphore(client, GROUP) as sem:
+            if take:
+                from datetime import timedelta
+
+                await sem.lock(BLOCKER, reason="benchmark", hold_for=timedelta(hours=2))
+            else:
+                await sem.unlock(BLOCKER)
+    finally:
+        await client.close()
+
+
+async def _queued(etcd: EmbeddedEtcd) -> None:
+    """Until the agent is in the queue. Polled: this runs before the measurement, and a watch of
+    our own would only add to what etcd serves."""
+    client = await Etcd.connect(EtcdConfig(endpoints=etcd.endpoints))
+    try:
+        async with asyncio.timeout(60):
+            while not (await read_state(client, GROUP)).queue:  # noqa: ASYNC110
+                await asyncio.sleep(0.2)
+    finally:
+        await client.close()
+
+
+def _config(work: Path, name: str, strategy: str, etcd: EmbeddedEtcd, bus: PrivateBus, disk: Path,
+            record: Path) -> Path:
+    config = work / f"config-{name}.toml"
+    config.write_text(f"""
+[channel]
+# Never fetched within the measurement (next check 45 minutes away); unsigned is fine for that.
+server = "http://127.0.0.1:9/channels"
+insecure = true
+
+[disk]
+path = "{disk}"
+
+[state]
+dir = "{work / ('state-' + name)}"
+
+[check]
+on_start = false
+
+[host]
+kind = "emulated"
+boot_record = "{record}"
+versions = {{ A = "1.0.0" }}
+
+[dbus]
+address = "{bus.address}"
+
+[reboot]
+strategy = "{strategy}"
+coordinator_conf = "{work / 'no-coordinator.conf'}"
+reboot_required_file = "{work / ('reboot-required-' + name)}"
+
+[locksmith]
+endpoints = {json.dumps(list(etcd.endpoints))}
+group = "{GROUP}"
+
+[metrics]
+listen = "127.0.0.1:0"
+""")
+    return config
+
+
+def _measure_agent(work: Path, name: str, strategy: str, etcd: EmbeddedEtcd, seconds: float,
+                   warmup: float) -> dict[str, Any]:
+    disk = make_disk(work / f"disk-{name}.img", slot_size=8 * MiB).path
+    record = work / f"boot-{name}.json"
+    EmulatedBootloader(disk, record).boot()
+    notify = work / f"notify-{name}.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(notify))
+    queued = name == "queued"
+    if queued:
+        (work / f"reboot-required-{name}").touch()
+        asyncio.run(_blocker(etcd, take=True))
+    with PrivateBus(work / f"bus-{name}") as bus:
+        config = _config(work, name, strategy, etcd, bus, disk, record)
+        log = (work / f"agent-{name}.log").open("wb")
+        env = {**os.environ, "NOTIFY_SOCKET": str(notify), "WATCHDOG_USEC": str(120 * 1_000_000)}
+        rpc_start = _rpc_counts(etcd.metrics())
+        proc = subprocess.Popen([AGENT, "--config", str(config), "--update-conf", "/nonexistent",
+                                 "--log-level", "WARNING"], stdout=log, stderr=log, env=env,
+                                stdin=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 60
+            while True:  # READY=1: D-Bus served, after-boot logic started
+                left = deadline - time.monotonic()
+                if left <= 0 or proc.poll() is not None:
+                    raise RuntimeError(f"agent not ready; see {log.name}")
+                if select.select([sock], [], [], left)[0] and b"READY=1" in sock.recv(4096):
+                    break
+            if queued:
+                asyncio.run(_queued(etcd))
+            time.sleep(warmup)  # the coordinator connects to etcd, resumes, settles
+            if proc.poll() is not None:
+                raise RuntimeError(f"agent exited; see {log.name}")
+            rpc0, cpu0, t0 = _rpc_counts(etcd.metrics()), _cpu_seconds(proc.pid), time.monotonic()
+            startup = {m: rpc0.get(m, 0) - rpc_start.get(m, 0) for m in sorted(set(rpc0) | set(rpc_start))}
+            time.sleep(seconds)
+            rpc1, cpu1, t1 = _rpc_counts(etcd.metrics()), _cpu_seconds(proc.pid), time.monotonic()
+            status = _proc_status(proc.pid)
+            minutes = (t1 - t0) / 60
+            requests = {m: round((rpc1.get(m, 0) - rpc0.get(m, 0)) / minutes, 1) for m in sorted(set(rpc1) | set(rpc0))}
+            return {"rss": float(status["VmRSS"]), "hwm": float(status["VmHWM"]),
+                    "cpu_pct": 100 * (cpu1 - cpu0) / (t1 - t0), "seconds": t1 - t0,
+                    "etcd_per_minute": {m: v for m, v in requests.items() if v},
+                    "etcd_startup": {m: v for m, v in startup.items() if v}}
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            log.close()
+            sock.close()
+            if queued:
+                asyncio.run(_blocker(etcd, take=False))
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=60.0, help="measurement window per agent (default 60)")
+    parser.add_argument("--warmup", type=float, default=10.0, help="after READY, before measuring (default 10)")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    args = parser.parse_args()
+
+    results: dict[str, Any] = {}
+    results["python"] = _measure_sleeper("pass", 0.5)
+    results["imports"] = _measure_sleeper("import updateagent.daemon, updateagent.strategy.etcd_lock", 0.5)
+    with tempfile.TemporaryDirectory(prefix="agent-idle-") as tmp, EmbeddedEtcd() as etcd:
+        work = Path(tmp)
+        results["off"] = _measure_agent(work, "off", "off", etcd, args.seconds, args.warmup)
+        results["etcd-lock"] = _measure_agent(work, "etcd-lock", "etcd-lock", etcd, args.seconds, args.warmup)
+        results["queued"] = _measure_agent(work, "queued", "etcd-lock", etcd, args.seconds, args.warmup)
+
+    if args.json:
+        print(json.dumps(results, indent=2, sort_keys=True))
+        return 0
+    lock, off, imports, bare = results["etcd-lock"], results["off"], results["imports"], results["python"]
+    queued = results["queued"]
+    print(f"idle update-agent, {lock['seconds']:.0f} s measured after a {args.warmup:.0f} s warm-up\n")
+    print(f"{'process':<34} {'RSS':>9} {'peak RSS':>9} {'CPU % of a core':>16}")
+    for name, row in (("python -c (bare interpreter)", bare), ("python + agent imports", imports),
+                      ("update-agent, strategy off", off), ("update-agent, strategy etcd-lock", lock),
+                      ("etcd-lock, queued for a slot", queued)):
+        peak = _mb(row["hwm"]) if "hwm" in row else "-"
+        print(f"{name:<34} {_mb(row['rss']):>9} {peak:>9} {row['cpu_pct']:>15.3f}%")
+    print()
+    print(f"etcd-lock RSS: {lock['rss'] / bare['rss']:.2f}x the bare interpreter, "
+          f"{lock['rss'] / imports['rss']:.2f}x the import floor, {lock['rss'] / off['rss']:.2f}x strategy off "
+          f"(target <= 60 MB: {'met' if lock['rss'] <= 60e6 else 'NOT met'})")
+    print(f"etcd-lock CPU: {lock['cpu_pct']:.3f}% of a core (target < 1%: "
+          f"{'met' if lock['cpu_pct'] < 1 else 'NOT met'}); strategy off: {off['cpu_pct']:.3f}%")
+    print("\netcd requests (etcd's /metrics; stream messages counted one by one), strategy etcd-lock:")
+    print(f"  {'method':<30} {'idle: start':>11} {'idle: /min':>10} {'queued: start':>13} {'queued: /min':>12}")
+    methods = sorted({m for row in (lock, queued) for key in ("etcd_startup", "etcd_per_minute") for m in row[key]})
+    for method in methods or ["(none)"]:
+        cells = [row[key].get(method, 0) for row in (lock, queued) for key in ("etcd_startup", "etcd_per_minute")]
+        print(f"  {method:<30} {cells[0]:>11.0f} {cells[1]:>10.1f} {cells[2]:>13.0f} {cells[3]:>12.1f}")
+    print(f"  queued agent: RSS {_mb(queued['rss'])}, CPU {queued['cpu_pct']:.3f}% of a core")
+    if off["etcd_per_minute"] or off["etcd_startup"]:
+        print("strategy off (should be none):", off["etcd_startup"], off["etcd_per_minute"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
