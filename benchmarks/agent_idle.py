@@ -9,7 +9,9 @@ has booted, found nothing to do, and waits: no update pending, next check 45 min
 it reports READY (over a real NOTIFY_SOCKET, with a watchdog, as under systemd) and a warm-up,
 the script measures over ``--seconds``:
 
-- RSS: VmRSS of the agent at the end, and VmHWM (its peak);
+- RSS: VmRSS of the agent at the end (split into anonymous memory and file-backed pages, mostly
+  shared libraries such as gRPC's, which other processes share and the kernel can drop), and
+  VmHWM (its peak);
 - CPU: user + system time of the agent (``/proc/<pid>/stat``) over the wall time, in % of one core;
 - etcd requests per minute, from etcd's own ``/metrics`` deltas over the window: unary RPCs
   (``grpc_server_started_total`` by method) and messages on the streams
@@ -64,7 +66,7 @@ def _proc_status(pid: int) -> dict[str, int]:
     out = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
+        if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
             out[key] = int(value.split()[0]) * 1024
     return out
 
@@ -108,7 +110,9 @@ def _measure_sleeper(code: str, settle: float) -> dict[str, float]:
         cpu0, t0 = _cpu_seconds(proc.pid), time.monotonic()
         time.sleep(settle * 4)
         cpu = (_cpu_seconds(proc.pid) - cpu0) / (time.monotonic() - t0)
-        return {"rss": float(_proc_status(proc.pid)["VmRSS"]), "cpu_pct": 100 * cpu}
+        status = _proc_status(proc.pid)
+        return {"rss": float(status["VmRSS"]), "anon": float(status["RssAnon"]), "file": float(status["RssFile"]),
+                "cpu_pct": 100 * cpu}
     finally:
         proc.kill()
         proc.wait()
@@ -226,7 +230,8 @@ def _measure_agent(work: Path, name: str, strategy: str, etcd: EmbeddedEtcd, sec
             status = _proc_status(proc.pid)
             minutes = (t1 - t0) / 60
             requests = {m: round((rpc1.get(m, 0) - rpc0.get(m, 0)) / minutes, 1) for m in sorted(set(rpc1) | set(rpc0))}
-            return {"rss": float(status["VmRSS"]), "hwm": float(status["VmHWM"]),
+            return {"rss": float(status["VmRSS"]), "hwm": float(status["VmHWM"]), "anon": float(status["RssAnon"]),
+                    "file": float(status["RssFile"]),
                     "cpu_pct": 100 * (cpu1 - cpu0) / (t1 - t0), "seconds": t1 - t0,
                     "etcd_per_minute": {m: v for m, v in requests.items() if v},
                     "etcd_startup": {m: v for m, v in startup.items() if v}}
@@ -269,12 +274,13 @@ def main() -> int:
     lock, off, imports, bare = results["etcd-lock"], results["off"], results["imports"], results["python"]
     queued = results["queued"]
     print(f"idle update-agent, {lock['seconds']:.0f} s measured after a {args.warmup:.0f} s warm-up\n")
-    print(f"{'process':<34} {'RSS':>9} {'peak RSS':>9} {'CPU % of a core':>16}")
+    print(f"{'process':<34} {'RSS':>9} {'anon':>9} {'file':>9} {'peak RSS':>9} {'CPU % of a core':>16}")
     for name, row in (("python -c (bare interpreter)", bare), ("python + agent imports", imports),
                       ("update-agent, strategy off", off), ("update-agent, strategy etcd-lock", lock),
                       ("etcd-lock, queued for a slot", queued)):
         peak = _mb(row["hwm"]) if "hwm" in row else "-"
-        print(f"{name:<34} {_mb(row['rss']):>9} {peak:>9} {row['cpu_pct']:>15.3f}%")
+        print(f"{name:<34} {_mb(row['rss']):>9} {_mb(row['anon']):>9} {_mb(row['file']):>9} {peak:>9} "
+              f"{row['cpu_pct']:>15.3f}%")
     print()
     print(f"etcd-lock RSS: {lock['rss'] / bare['rss']:.2f}x the bare interpreter, "
           f"{lock['rss'] / imports['rss']:.2f}x the import floor, {lock['rss'] / off['rss']:.2f}x strategy off "

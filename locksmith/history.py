@@ -132,8 +132,10 @@ class Recorder:
         if start_revision is None:
             kvs, rev = await self.etcd.get_prefix(base)
             start_revision = rev + 1
-        else:
+        elif start_revision > 1:
             kvs, _ = await self.etcd.get_prefix(base, revision=start_revision - 1)
+        else:
+            kvs = []  # revision 0 would mean "now" to etcd
         h = History(self.layout.group, start_revision, start_revision - 1)
         h.initial = [_change(self.layout, "put", kv) for kv in sorted(kvs, key=lambda k: k.create_revision)]
         self._history = h

@@ -393,6 +393,7 @@ class History:
                                                    start_revision=start_revision)
 
     async def check(self, reported: list[tuple[str, str, int]]) -> list[str]:
+        """Every violation, as ``<group> r<revision> <kind>: <description>``."""
         from locksmith import history
 
         return [str(v) for v in await history.stop_and_check(self._impl, reported)]
@@ -423,7 +424,8 @@ class Report:
             f"operations done:      {self.operations} (grants + releases)",
             f"faults injected:      {sum(self.faults.values())} ("
             + ", ".join(f"{k} {v}" for k, v in sorted(self.faults.items())) + ")",
-            f"violations:           {len(self.violations)}",
+            f"violations:           {len(self.violations)} (phantom grants: "
+            f"{sum(1 for v in self.violations if ' phantom_grant: ' in v)})",
             *(f"  {v}" for v in self.violations[:20]),
             f"stuck waiters:        {len(self.stuck)}",
             *(f"  {s}" for s in self.stuck[:20]),

@@ -605,16 +605,27 @@ class WindowSet:
     sentinel :data:`NEVER_CLOSES` is in UTC); naive datetimes raise ``InvalidArgumentError``.
     """
 
-    __slots__ = ("_cache", "_max_length", "_triggers", "_tz", "time_zone", "windows")
+    __slots__ = ("_cache", "_max_length", "_triggers", "_tz", "_weekly", "time_zone", "windows")
 
     def __init__(self, windows: Iterable[Window] = (), time_zone: str = "UTC", *, tz_where: str = "time_zone"):
         self.time_zone = time_zone or "UTC"
         self._tz = resolve_time_zone(self.time_zone, where=tz_where)
         self.windows: tuple[Window, ...] = _normalise(windows)
         _check_budget(self.windows)
-        self._triggers: list[tuple[CronTrigger, timedelta]] = [
-            (trigger, w.length) for w in self.windows for trigger in w._triggers()
-        ]
+        # A weekly window's wall-clock starts in a week are plain arithmetic: building and asking a
+        # CronTrigger costs a hundred times more, and status at MAX_WINDOWS must stay fast. So a
+        # weekly window has no trigger (None) until a query needs one, and ``_weekly`` (parallel
+        # to ``_triggers``) holds its (days, hour, minute).
+        self._triggers: list[tuple[CronTrigger | None, timedelta]] = []
+        self._weekly: list[tuple[tuple[int, ...], int, int] | None] = []
+        for w in self.windows:
+            if isinstance(w, WeeklyWindow):
+                self._triggers.append((None, w.length))
+                self._weekly.append((tuple(sorted(w.days)), w.hour, w.minute))
+            else:
+                for trigger in w._triggers():
+                    self._triggers.append((trigger, w.length))
+                    self._weekly.append(None)
         self._max_length = max((w.length for w in self.windows), default=timedelta(0))
         self._cache: dict[tuple[int, int], tuple[datetime, ...]] = {}
 
@@ -690,8 +701,8 @@ class WindowSet:
         if soon:
             return soon[0].astimezone(t.tzinfo)
         best: datetime | None = None
-        for trigger, _length in self._triggers:
-            s = self._first_start_after(trigger, t_utc)
+        for index in range(len(self._triggers)):
+            s = self._first_start_after(self._trigger(index), t_utc)
             if s is not None and (best is None or s < best):
                 best = s
         return None if best is None else best.astimezone(t.tzinfo)
@@ -741,12 +752,25 @@ class WindowSet:
         if starts is None:
             wall_lo = _WEEK0 + week * _WEEK
             wall_hi = wall_lo + _WEEK - timedelta(seconds=1)
-            trigger = self._triggers[index][0]
-            starts = tuple(_to_instant(wall, self._tz) for wall in _fires(trigger, wall_lo, wall_hi))
+            weekly = self._weekly[index]
+            if weekly is not None:
+                days, hour, minute = weekly
+                walls: Iterable[datetime] = (wall_lo + timedelta(days=d, hours=hour, minutes=minute) for d in days)
+            else:
+                walls = _fires(self._trigger(index), wall_lo, wall_hi)
+            starts = tuple(_to_instant(wall, self._tz) for wall in walls)
             if len(self._cache) >= _CACHE_LIMIT:
                 self._cache.clear()
             self._cache[key] = starts
         return starts
+
+    def _trigger(self, index: int) -> CronTrigger:
+        trigger, length = self._triggers[index]
+        if trigger is None:
+            days, hour, minute = self._weekly[index]  # type: ignore[misc]
+            trigger = WeeklyWindow(frozenset(days), hour, minute, length)._triggers()[0]
+            self._triggers[index] = (trigger, length)
+        return trigger
 
     def _span_end(self, t: datetime) -> datetime | None:
         if not self._triggers:

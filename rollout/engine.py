@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import os
 import random
 import shutil
 import sys
@@ -151,6 +152,7 @@ class Simulation:
         self.member_killed_at: float | None = None
         self._downs = 0
         self._finished = False
+        self._blocker: SimHost | None = None
         self._third_rebooted = asyncio.Event()
 
     # -- PowerObserver -------------------------------------------------------------------------------
@@ -301,7 +303,19 @@ class Simulation:
         for group in self.watcher.groups:
             if self.watcher.cooling(group):
                 return False
-        return all(h.parked() and (h.power != "up" or self._strategy_parked(h)) for h in self._live)
+        # The host that was busy last time is likely busy still: look at it first.
+        blocker = self._blocker
+        if blocker is not None and not self._host_parked(blocker):
+            return False
+        for h in self._live:
+            if not self._host_parked(h):
+                self._blocker = h
+                return False
+        self._blocker = None
+        return True
+
+    def _host_parked(self, h: SimHost) -> bool:
+        return h.parked() and (h.power != "up" or self._strategy_parked(h))
 
     # -- outcome per host -------------------------------------------------------------------------
 
@@ -330,7 +344,10 @@ class Simulation:
     async def run(self) -> Report:
         sc = self.sc
         own_dir = sc.workdir is None
-        root = Path(tempfile.mkdtemp(prefix="locksmith-sim-")) if own_dir else sc.workdir
+        # The hosts' disks and state files: in memory when /dev/shm is there. The agents fsync
+        # every state change, as they must; on a real disk that would cost the fleet real time.
+        base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+        root = Path(tempfile.mkdtemp(prefix="locksmith-sim-", dir=base)) if own_dir else sc.workdir
         assert root is not None
         root.mkdir(parents=True, exist_ok=True)
         server: channel.ChannelServer | None = None

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+
 from locksmith.embedded import EmbeddedEtcd
 from locksmith.keys import DEFAULT_PREFIX
 
@@ -42,3 +45,29 @@ def setup_roles(server: EmbeddedEtcd, prefix: str = DEFAULT_PREFIX) -> None:
     for args in (*ROLE_COMMANDS, INTRUDER, *GROUP_ROLE_COMMANDS):
         server.etcdctl(*fill(args, prefix))
     server.enable_auth(PASSWORDS["root"])
+
+
+def agent_cycle(config_toml: str, tmp: Path, group: str) -> tuple[list[str], list[str]]:
+    """The agent's own path: its config file's [locksmith] table, then the etcd-lock backend
+    taking and giving back a slot. Returns (holders while held, holders after)."""
+    from updateagent.config import load_settings
+    from updateagent.strategy.etcd_lock import EtcdSlot
+
+    path = tmp / "config.toml"
+    path.write_text(config_toml)
+    settings = load_settings(path, update_conf_paths=(), env={})
+    assert settings.reboot.strategy == "etcd-lock" and settings.locksmith.group == group
+
+    async def go() -> tuple[list[str], list[str]]:
+        slot = EtcdSlot(settings.locksmith)
+        await slot.open("host-1")
+        try:
+            await slot.acquire("update to 2.0")
+            held = [h.id for h in (await slot.sem.state()).holders]  # type: ignore[union-attr]
+            await slot.release()
+            after = [h.id for h in (await slot.sem.state()).holders]  # type: ignore[union-attr]
+            return held, after
+        finally:
+            await slot.close()
+
+    return asyncio.run(go())

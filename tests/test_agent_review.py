@@ -183,9 +183,12 @@ async def test_restart_while_waiting_for_the_reboot_asks_for_it_again(rig: Rig) 
     again = build_agent(rig.settings(extra='[reboot]\nstrategy = "reboot"\n'), host=host)
     await again.start()
     assert await again.run_until_settled() is Phase.UPDATED_NEED_REBOOT
+    async with asyncio.timeout(30):  # the coordinator reboots from its own task
+        await host.rebooted.wait()
     assert host.reboots == 1 and host.booted().label == "USR-B"
     await again.run_until_settled()
     assert host.reboots == 1  # once per resume, not once per tick
+    await again.reboot_strategy.close()
 
 
 # ------------------------------------------------------------------------------- 4: no empty deny entry

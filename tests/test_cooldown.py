@@ -9,7 +9,7 @@ import time
 from collections.abc import AsyncIterator
 
 import pytest
-from test_semaphore import put_of, wait_event
+from test_semaphore import delete_of, put_of, wait_event
 
 from locksmith.errors import CorruptValueError, SlotUnavailableError
 from locksmith.etcd import Etcd
@@ -84,7 +84,11 @@ async def test_cooldown_holds_one_slot_of_several(etcd: Etcd, sem: Semaphore, la
     st = await read_state(etcd, "g", prefix=layout.prefix)
     assert (st.holders, [w.id for w in st.queue], st.cooling_down) == ([], ["c"], 2)
     assert not task.done()
+    rev = await etcd.revision()
     task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await wait_event(etcd, layout.queue, rev + 1, delete_of(layout.waiter("c")))
 
 
 async def test_no_cooldown_writes_nothing_more(etcd: Etcd, sem: Semaphore, layout: Layout) -> None:

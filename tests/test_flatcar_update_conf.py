@@ -80,8 +80,7 @@ async def test_the_agent_built_from_a_flatcar_update_conf_uses_its_endpoints_gro
     assert m.agent is not None
     m.agent.request_check()
     # Saturday 01:00 UTC is 02:00 in Berlin: the host's window (Sat 03:00 local) opens in an hour.
-    text = await m.wait_status(lambda t: t.startswith("waiting for window: opens"), timeout=60)
-    assert text.startswith("waiting for window: opens Sat 03:00"), text
+    await m.wait_status(lambda t: t.startswith("waiting for window: opens Sat 03:00"))
     assert m.agent.phase is Phase.UPDATED_NEED_REBOOT
     assert fleet.watch.grants(m.machine_id) == 0 and m.reboots() == 0
 
@@ -90,3 +89,32 @@ async def test_the_agent_built_from_a_flatcar_update_conf_uses_its_endpoints_gro
     await m.wait_state(CoordState.IDLE)
     assert m.reboots() == 1 and fleet.watch.grants(m.machine_id) == 1
     assert m.agent is not None and m.agent.state.current_version == "2.0.0"
+
+
+
+@pytest.mark.parametrize(("policy_start", "policy_length", "one_open_after", "both_open_after"), [
+    ("01:30", "2h", 45, 15),  # 01:45 UTC: the group's window is open, the host's (02:00 UTC) not yet
+    ("02:30", "30m", 60, 30),  # 02:00 UTC: the host's window is open, the group's (02:30) not yet
+])
+async def test_the_host_window_and_the_group_policy_window_must_both_be_open(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch, policy_start: str, policy_length: str, one_open_after: int,
+    both_open_after: int,
+) -> None:
+    """locksmith's local window stays; the group's policy window applies on top of it.
+    Host window: Sat 03:00-04:30 Berlin = 02:00-03:30 UTC; the clock starts at Sat 01:00 UTC."""
+    await fleet.policy(windows=[{"days": ["Sat"], "start": policy_start, "length": policy_length}])
+    m, _ = _flatcar_machine(fleet, monkeypatch)
+    fleet.publish("2.0.0")
+    await m.start()
+    assert m.agent is not None
+    m.agent.request_check()
+    await m.wait_status(lambda t: t.startswith("waiting for window: opens Sat"))
+
+    fleet.clock.advance(one_open_after * 60)  # one of the two windows is open
+    await m.wait_status(lambda t: t.startswith("waiting for window: opens Sat")
+                        and t.endswith(f"(in {both_open_after}m)"))
+    assert fleet.watch.grants(m.machine_id) == 0 and m.reboots() == 0
+
+    fleet.clock.advance(both_open_after * 60)  # both open
+    await fleet.watch.wait(lambda: fleet.watch.releases(m.machine_id) == 1)
+    assert m.reboots() == 1 and fleet.watch.grants(m.machine_id) == 1

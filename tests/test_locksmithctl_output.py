@@ -12,8 +12,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from hypothesis import given, strategies
 
 from locksmith import audit
+from locksmith.cli import hoist_global_options
+from locksmith.cli import main as locksmithctl
 from locksmith.embedded import EmbeddedEtcd
 from locksmith.etcd import Etcd, EtcdConfig
 from locksmith.keys import Layout
@@ -121,3 +124,36 @@ def test_unknown_option_after_the_subcommand_is_still_a_usage_error() -> None:
     p = ctl("status", "--no-such-option")
     assert p.returncode == 2
     assert "No such option" in p.stderr and p.stdout == ""
+
+
+_GLOBALS = [["--endpoint", "http://h:1"], ["-o", "json"], ["--output=json"], ["--group", "db"], ["-v"], ["-vv"],
+            ["--prefix", "p/"], ["--etcd-cafile", "/ca.pem"], ["-ojson"]]
+_LOCK_ARGS = [["node-1"], ["--reason", "-o"], ["--wait"], ["--hold-for", "30m"], ["--reason=--group"]]
+
+
+@given(before=strategies.lists(strategies.sampled_from(_GLOBALS), max_size=3),
+       after=strategies.lists(strategies.sampled_from(_GLOBALS), max_size=4),
+       own=strategies.permutations(_LOCK_ARGS), cut=strategies.integers(0, 5))
+def test_hoisting_moves_exactly_the_global_options(before: list[list[str]], after: list[list[str]],
+                                                   own: list[list[str]], cut: int) -> None:
+    # Global options after the command move before it, in order; the command's own arguments
+    # (including a --reason whose value looks like a global option) stay, in order.
+    own_args = [tok for arg in own[:cut] for tok in arg]
+    mixed: list[str] = []
+    later = list(after)
+    for arg in own[:cut]:
+        if later:
+            mixed += later.pop(0)
+        mixed += arg
+    for rest in later:
+        mixed += rest
+    args = [tok for opt in before for tok in opt] + ["lock", *mixed]
+    with locksmithctl.make_context("locksmithctl", ["status"]) as ctx:
+        out = hoist_global_options(locksmithctl, ctx, args)
+    flat_after = [tok for opt in after for tok in opt]
+    assert out == [tok for opt in before for tok in opt] + flat_after + ["lock", *own_args]
+
+
+def test_an_option_value_after_the_double_dash_is_not_moved() -> None:
+    with locksmithctl.make_context("locksmithctl", ["status"]) as ctx:
+        assert hoist_global_options(locksmithctl, ctx, ["lock", "--", "-o"]) == ["lock", "--", "-o"]

@@ -17,7 +17,7 @@ from typing import TypeVar
 
 import aiohttp
 import pytest
-from etcdroles import setup_roles
+from etcdroles import agent_cycle, setup_roles
 from pki import CertPair, Pki, make_pki
 
 from locksmith.embedded import EmbeddedEtcd, TlsMaterial
@@ -164,6 +164,13 @@ def test_fleetlock_server_over_mtls_with_the_agent_role(cluster: EmbeddedEtcd, p
     assert asyncio.run(go()) == (200, 200, None)
     holders = run(cfg, lambda etcd: etcd.get_prefix(Layout("fl-tls").holders))[0]
     assert [kv.key.rsplit("/", 1)[1] for kv in holders] == ["zincati-1"]
+
+
+def test_agent_config_over_mtls(cluster: EmbeddedEtcd, pki: Pki, tmp_path: Path) -> None:
+    agent = pki.clients["agent"]
+    toml = (f'[reboot]\nstrategy = "etcd-lock"\n[locksmith]\nendpoints = {list(cluster.endpoints)!r}\n'
+            f'cafile = "{pki.ca}"\ncertfile = "{agent.cert}"\nkeyfile = "{agent.key}"\ngroup = "agent-tls"\n')
+    assert agent_cycle(toml.replace("'", '"'), tmp_path, "agent-tls") == (["host-1"], [])
 
 
 # -- refused clients: one line, nothing changed -------------------------------------------------------

@@ -16,7 +16,7 @@ from typing import TypeVar
 
 import pytest
 from click.testing import CliRunner
-from etcdroles import PASSWORDS, setup_roles
+from etcdroles import PASSWORDS, agent_cycle, setup_roles
 from pki import Pki, make_pki
 
 from locksmith.cli import main
@@ -126,3 +126,9 @@ def test_user_without_the_role(server: EmbeddedEtcd, pki: Pki) -> None:
     with pytest.raises(EtcdAuthError, match=f"denied permission to put '{key}'"):
         run(as_user(server, "intruder"), lambda etcd: etcd.put(key, b"{}"))
     assert store_revision(server) == before
+
+
+def test_agent_config_with_a_password(server: EmbeddedEtcd, pki: Pki, tmp_path: Path) -> None:
+    toml = (f'[reboot]\nstrategy = "etcd-lock"\n[locksmith]\nendpoints = ["{server.endpoints[0]}"]\n'
+            f'cafile = "{pki.ca}"\nusername = "agent"\npassword = "{PASSWORDS["agent"]}"\ngroup = "pw-agent"\n')
+    assert agent_cycle(toml, tmp_path, "pw-agent") == (["host-1"], [])

@@ -768,7 +768,8 @@ class Agent:
             # Runs in the installer's thread just before its first write: a refusal decided
             # earlier (HTTP error, wrong Content-Length) leaves the slot's bits alone, and
             # nothing boots a half-written image.
-            if target.priority > 0 or target.tries > 0 or target.successful:
+            now = slots.slot(target.name)
+            if now.priority > 0 or now.tries > 0 or now.successful:
                 slots.mark_bad(target.name)
 
         result = await self.source.install(

@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from locksmith.errors import InvalidArgumentError
 from locksmith.etcd import DEFAULT_ENDPOINT, EtcdConfig
-from locksmith.files import InputFileError, read_text
+from locksmith.files import InputFileError, read_bytes, read_text
 from locksmith.keys import DEFAULT_PREFIX, check_group, normalize_prefix
 from locksmith.windows import WindowError, WindowSet, parse_windows
 from updateagent.errors import UpdateAgentError
@@ -512,9 +512,11 @@ def _locksmith(reader: _Reader, uc: _UpdateConf, strategy: str) -> LocksmithSett
         # connection error hours later, in the middle of a reboot. Say it now.
         if path is not None and strategy == "etcd-lock":
             try:
-                read_text(path, max_bytes=_MAX_CONFIG_BYTES, what=key)
+                read_bytes(path, what=key)  # the cap the etcd client reads them with
             except InputFileError as exc:
-                fail(key, came_from, f"{path}: {exc.problem}")
+                # A key readable by root only: check-config run by another user cannot tell.
+                if not (exc.problem.startswith("permission denied") and os.geteuid() != 0):
+                    fail(key, came_from, f"{path}: {exc.problem}")
     pair_needed("certfile", "keyfile", "a client certificate needs its key")
     pair_needed("username", "password", "etcd authentication needs both")
     username, password = values["username"][0], values["password"][0]

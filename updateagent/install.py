@@ -54,6 +54,7 @@ CHUNK_SIZE = 256 * 1024
 QUEUE_DEPTH = 8
 MAX_ZSTD_WINDOW = 32 * 1024 * 1024
 PROGRESS_INTERVAL = 0.25  # seconds between progress callbacks
+HASH_QUEUE_DEPTH = 4  # decompressed chunks waiting for the sha256 thread
 # The stall rule's defaults: a connection must deliver DEFAULT_STALL_BYTES within every
 # DEFAULT_STALL_SECONDS (about 1 KiB/s); a slower one is cut and resumed with a Range request.
 DEFAULT_STALL_BYTES = 64 * 1024
@@ -520,6 +521,35 @@ class _NullSink:
 # --------------------------------------------------------------------------- pipeline
 
 
+class _Hasher:
+    """sha256 in a thread of its own. Hashing is the slowest step by far (zstd decompresses and
+    the page cache takes writes several times faster), so it overlaps both instead of following
+    them; hashlib releases the GIL while it hashes a large buffer. At most ``HASH_QUEUE_DEPTH``
+    chunks wait (memory stays flat)."""
+
+    def __init__(self) -> None:
+        self._digest = hashlib.sha256()
+        self._q: queue.Queue[bytes | None] = queue.Queue(maxsize=HASH_QUEUE_DEPTH)
+        self._thread = threading.Thread(target=self._run, name="payload-sha256", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (buf := self._q.get()) is not None:
+            self._digest.update(buf)
+
+    def update(self, buf: bytes) -> None:
+        self._q.put(buf)  # blocks at most while the thread hashes what is queued: it never fails
+
+    def hexdigest(self) -> str:
+        self.close()
+        return self._digest.hexdigest()
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._q.put(None)
+            self._thread.join()
+
+
 def _pipeline(
     manifest: Manifest,
     source: _HttpSource | _FileSource,
@@ -528,7 +558,7 @@ def _pipeline(
     cancel: threading.Event,
 ) -> InstallResult:
     started = time.monotonic()
-    digest = hashlib.sha256()
+    digest = _Hasher()
     written = 0
     last_report = 0.0
     total = manifest.size
@@ -581,6 +611,7 @@ def _pipeline(
         sink.finish()
         report(time.monotonic())
     finally:
+        digest.close()
         source.close()
     return InstallResult(
         version=manifest.version,
