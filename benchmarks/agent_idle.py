@@ -14,8 +14,9 @@ the script measures over ``--seconds``:
   VmHWM (its peak);
 - CPU: user + system time of the agent (``/proc/<pid>/stat``) over the wall time, in % of one core;
 - etcd requests per minute, from etcd's own ``/metrics`` deltas over the window: unary RPCs
-  (``grpc_server_started_total`` by method) and messages on the streams
-  (``grpc_server_msg_received_total`` for Watch and LeaseKeepAlive).
+  (``grpc_server_started_total`` by method), streams opened, and messages received on the
+  streams (``grpc_server_msg_received_total`` for Watch and LeaseKeepAlive: watch creations,
+  progress requests, keep-alives).
 
 Baselines, measured in the same run and printed as ratios:
 
@@ -86,6 +87,8 @@ def _rpc_counts(metrics: dict[str, float]) -> dict[str, float]:
         kind = name.split('grpc_type="', 1)[1].split('"', 1)[0] if 'grpc_type="' in name else "unary"
         if name.startswith("grpc_server_started_total") and kind == "unary":
             out[method] = out.get(method, 0.0) + value
+        elif name.startswith("grpc_server_started_total") and method in STREAMS:
+            out[f"{method} (streams opened)"] = out.get(f"{method} (streams opened)", 0.0) + value
         elif name.startswith("grpc_server_msg_received_total") and method in STREAMS:
             out[f"{method} (stream msgs)"] = out.get(f"{method} (stream msgs)", 0.0) + value
     return out

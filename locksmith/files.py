@@ -44,6 +44,8 @@ def read_bytes(path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_MAX_BYT
         raise InputFileError(path, f"permission denied reading {what}") from None
     except OSError as exc:
         raise InputFileError(path, f"cannot open {what}: {exc.strerror or exc}") from None
+    except ValueError:  # a NUL byte in the path: no file can have that name
+        raise InputFileError(repr(os.fspath(path))[1:-1], f"{what}: the path contains a NUL byte") from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -43,6 +44,23 @@ def configure(level: str | int = "INFO", *, json: bool | None = None, stream: An
         cache_logger_on_first_use=False,
     )
     logging.basicConfig(level=max(level, logging.WARNING), stream=stream)
+
+
+def configure_for_command(level: str | int = "WARNING", *, stream: Any = None) -> Callable[[], None]:
+    """``configure`` for one CLI invocation. Returns a function that puts the previous
+    configuration back, so that a caller running the command in-process (click's CliRunner in
+    the tests) is left as it was: its log level, its captured logs, its streams."""
+    saved = structlog.get_config()
+    root = logging.getLogger()
+    handlers, root_level = list(root.handlers), root.level
+    configure(level, stream=stream)
+
+    def restore() -> None:
+        structlog.configure(**saved)
+        root.handlers[:] = handlers
+        root.setLevel(root_level)
+
+    return restore
 
 
 def get_logger(name: str, **bound: Any) -> structlog.stdlib.BoundLogger:

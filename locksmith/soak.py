@@ -281,6 +281,9 @@ class Faults:
         self.etcd = etcd
         self.prefix = prefix
         self.injected: list[tuple[str, float, float]] = []  # (name, start, end) in monotonic time
+        # What went wrong with the cluster itself (a member that exited, a fault that could not be
+        # applied): reported, and repaired so the run goes on.
+        self.anomalies: list[str] = []
 
     async def _t(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.to_thread(fn, *args)
@@ -299,9 +302,21 @@ class Faults:
         await inject()
         await asyncio.sleep(duration)
         await restore()
-        await self._t(self.cluster.wait_healthy)
+        await self.repair()
         self.injected.append((name, start, time.monotonic()))
         _log.info("fault_end", fault=name)
+
+    async def repair(self) -> None:
+        """Every member running, none frozen, all healthy; a member found dead is reported with
+        the end of its log, then restarted with its data."""
+        for i, m in enumerate(self.cluster.members):
+            if m.paused:
+                await self._t(m.resume)
+            if not m.running:
+                code = m.proc.returncode if m.proc is not None else "killed"
+                self.anomalies.append(f"member {m.name} had exited ({code}): {m.tail_log(8)}")
+                await self._t(self.cluster.restart_member, i)
+        await self._t(self.cluster.wait_healthy)
 
     async def kill_restart(self, index: int, duration: float, name: str) -> None:
         m = self.cluster.members[index]
@@ -413,6 +428,7 @@ class Report:
     untrue_answers: int = 0
     longest_wait_after_last_fault: float = 0.0
     noise: list[str] = field(default_factory=list)
+    anomalies: list[str] = field(default_factory=list)  # the cluster's, not the semaphore's
 
     @property
     def clean(self) -> bool:
@@ -433,6 +449,8 @@ class Report:
             f"asyncio noise lines:  {len(self.noise)}",
             *(f"  {s}" for s in self.noise[:5]),
             f"longest wait after the last fault: {self.longest_wait_after_last_fault:.2f}s",
+            f"cluster anomalies (etcd's, repaired; not the semaphore's): {len(self.anomalies)}",
+            *(f"  {a}" for a in self.anomalies[:10]),
             "result: " + ("CLEAN" if self.clean else "NOT CLEAN"),
         ]
         return "\n".join(lines)
@@ -480,10 +498,17 @@ async def run_soak(duration: float, *, processes: int = 4, per_process: int = 5,
                 d = 0.0 if kind == "compact-defrag" else min(rng.uniform(1.0, 12.0), max(1.0, left - 2))
                 out(f"  t={time.monotonic() - t0:6.1f}s fault {kind}" + (f" for {d:.1f}s" if d else "")
                     + f" (ops so far {pool.ops})")
-                await _inject(faults, kind, d, names, maxes)
+                try:
+                    await _inject(faults, kind, d, names, maxes)
+                except Exception as exc:  # a fault the cluster could not take: report, repair, go on
+                    faults.anomalies.append(f"fault {kind} failed: {str(exc)[:500]}")
+                    await faults.repair()
             last_fault_end = max((e for _, _, e in faults.injected), default=t0)
             await asyncio.sleep(max(0.0, t0 + duration - time.monotonic()))
             end = time.monotonic()
+            for m in cluster.members:
+                if not m.running:
+                    faults.anomalies.append(f"member {m.name} exited during the quiet tail: {m.tail_log(8)}")
         finally:
             await pool.stop()
         report.violations = await history.check(pool.reported_grants())
@@ -493,6 +518,7 @@ async def run_soak(duration: float, *, processes: int = 4, per_process: int = 5,
         report.faults[name] = report.faults.get(name, 0) + 1
     _liveness(pool, report, last_fault_end, end, stuck_after)
     report.noise = pool.noise()
+    report.anomalies = faults.anomalies
     if report.clean:
         pool.cleanup()
     else:

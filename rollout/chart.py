@@ -87,7 +87,7 @@ def draw_chart(report: Report, path: Path) -> Path:
     for t, count in report.down_series:
         xs.append(at(t))
         ys.append(count)
-    xs.append(at(end))
+    xs.append(at(end + max(0.03 * end, 900.0)))
     ys.append(ys[-1] if ys else 0)
     down.step(xs, ys, where="post", color="#d62728", label="hosts down (watcher)")
     down.axhline(report.slot_limit, color="black", linestyle="--", linewidth=1, label=f"slots ({report.slot_limit})")
@@ -95,7 +95,8 @@ def draw_chart(report: Report, path: Path) -> Path:
     down.set_ylabel("down")
     down.legend(loc="upper right", fontsize=7)
     down.xaxis.set_major_formatter(mdates.DateFormatter("%a %H:%M"))
-    down.set_xlim(at(0), at(end))
+    # A margin on the right, so the last reboots are not cut by the frame.
+    down.set_xlim(at(0), at(end + max(0.03 * end, 900.0)))
     down.set_xlabel("virtual time (UTC)")
     fig.autofmt_xdate()
     fig.tight_layout()

@@ -44,6 +44,7 @@ class VirtualClock:
         self._seq = itertools.count()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
+        self._dead = 0
 
     # -- Clock ---------------------------------------------------------------------------------
 
@@ -69,7 +70,15 @@ class VirtualClock:
             await fut
         finally:
             if not fut.done():
-                fut.cancel()  # a cancelled sleeper stays in the heap, skipped when it comes up
+                # A cancelled sleeper stays in the heap, skipped when it comes up. Waits that are
+                # cut short all the time (a coordinator woken by every change in its group) would
+                # pile up: drop them all once they are most of the heap.
+                fut.cancel()
+                self._dead += 1
+                if self._dead > 1024 and self._dead * 2 > len(self._heap):
+                    self._heap = [e for e in self._heap if not e[2].done()]  # type: ignore[union-attr]
+                    heapq.heapify(self._heap)
+                    self._dead = 0
 
     # -- the simulator's side ------------------------------------------------------------------
 

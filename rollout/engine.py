@@ -19,13 +19,14 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TextIO
 
 from locksmith.embedded import EmbeddedEtcd
 from locksmith.etcd import Etcd, EtcdConfig
+from locksmith.history import Recording, start_recording, stop_and_check, stop_recording
 from locksmith.log import get_logger
 from locksmith.policy import Policy
 from locksmith.policystore import apply_policy
@@ -66,7 +67,7 @@ class Scenario:
     horizon: float = 14 * 86400.0
     check_interval_minutes: float = 240.0
     kured_period: float = 3600.0
-    boot_spread: float = 300.0  # virtual seconds: hosts power on at seeded instants within this span
+    boot_spread: float = 60.0  # virtual seconds: hosts power on at seeded instants within this span
     quantum: float = 1.0  # virtual seconds: timers this close together fire in one jump
     settle: float = 0.004
     workdir: Path | None = None
@@ -153,6 +154,9 @@ class Simulation:
         self._downs = 0
         self._finished = False
         self._blocker: SimHost | None = None
+        self._by_name: dict[str, SimHost] = {}
+        self._flaky: set[str] = set()
+        self._live: list[SimHost] = []
         self._third_rebooted = asyncio.Event()
 
     # -- PowerObserver -------------------------------------------------------------------------------
@@ -198,8 +202,8 @@ class Simulation:
             return replace(policy, on_timeout=self.sc.never_returns_timeout)
         return policy
 
-    def _write_host(self, root: Path, index: int, name: str, machine_id: str, group: str, base_url: str,
-                    pubkey: Path, template: Path) -> Path:
+    def _write_host(self, root: Path, name: str, machine_id: str, group: str, base_url: str, pubkey: Path,
+                    template: Path) -> Path:
         root.mkdir(parents=True)
         (root / "state").mkdir()
         disk.clone(template, root / "disk.img")
@@ -312,6 +316,9 @@ class Simulation:
                 self._blocker = h
                 return False
         self._blocker = None
+        if all(self.host_done(h) for h in self.hosts):
+            self._finished = True  # the rollout is over: no jump past its end
+            return False
         return True
 
     def _host_parked(self, h: SimHost) -> bool:
@@ -353,12 +360,12 @@ class Simulation:
         server: channel.ChannelServer | None = None
         tasks: list[asyncio.Task[Any]] = []
         etcd: Etcd | None = None
+        recording: Recording | None = None
         t_real0 = time.monotonic()
         try:
             if not sc.endpoints:
                 self.server = await asyncio.to_thread(EmbeddedEtcd(sc.members).start)
             pubkey = await asyncio.to_thread(channel.publish_release, root)
-            self._by_name: dict[str, SimHost] = {}
             server = channel.ChannelServer(root / "www", self._verdict).start()
             template = await asyncio.to_thread(disk.make_template, root / "template.img")
             etcd = await Etcd.connect(self._etcd_config())
@@ -368,6 +375,9 @@ class Simulation:
             groups = {p.group or "sim": self._host_policy(p) for p in self.policies}
             self.watcher = Watcher(etcd, groups, self.prefix, self.clock)
             await self.watcher.start()
+            # etcd's own history of the groups' keys, checked afterwards against every rule of the
+            # semaphore (locksmith.history): holders vs max, FIFO, pause, cooldown, holder leases.
+            recording = await start_recording(self._etcd_config(), list(groups), prefix=self.prefix)
             durations = draw_durations(sc.reboot_duration, self.rng)
             names = [f"h{i:03d}" for i in range(sc.hosts)]
             group_names = list(groups)
@@ -378,7 +388,7 @@ class Simulation:
             for i, name in enumerate(names):
                 group = group_names[i % len(group_names)]
                 mid = f"5117{i:028x}"
-                cfg = await asyncio.to_thread(self._write_host, root / name, i, name, mid, group, server.base_url,
+                cfg = await asyncio.to_thread(self._write_host, root / name, name, mid, group, server.base_url,
                                               pubkey, template)
                 host = SimHost(index=i, name=name, machine_id=mid, group=group, root=root / name, config=cfg,
                                clock=self.clock, observer=self, reboot_duration=durations,
@@ -406,11 +416,13 @@ class Simulation:
             bar.show(sum(self.host_done(h) for h in self.hosts), final=True)
             real = time.monotonic() - t_real0
             writes_after = await asyncio.to_thread(_etcd_writes, self._metrics_urls())
+            rec, recording = recording, None
+            history = await stop_and_check(rec)
             rows = [self._row(h) for h in self.hosts]
             return build_report(
                 scenario=sc, policies=groups, rows=rows, watcher=self.watcher, clock=self.clock, outcome=outcome,
                 writes=writes_after - writes_before, real_seconds=real, member_killed_at=self.member_killed_at,
-                events=self.events, mean_reboot=_mean_draw(sc.reboot_duration),
+                events=self.events, mean_reboot=_mean_draw(sc.reboot_duration), history=history,
             )
         finally:
             for t in tasks:
@@ -421,6 +433,9 @@ class Simulation:
             for h in self.hosts:
                 with contextlib.suppress(Exception):
                     await h._close_strategy()
+            if recording is not None:
+                with contextlib.suppress(Exception):
+                    await stop_recording(recording, within=5)
             if self.watcher is not None:
                 await self.watcher.stop()
             if etcd is not None:
@@ -568,4 +583,4 @@ async def run_scenario(scenario: Scenario, *, progress: TextIO | None = None) ->
     return await Simulation(scenario, progress=progress).run()
 
 
-__all__ = ["COORDINATORS", "FAULTS", "RELEASES", "Scenario", "Simulation", "field", "run_scenario", "simulate"]
+__all__ = ["COORDINATORS", "FAULTS", "RELEASES", "Scenario", "Simulation", "run_scenario", "simulate"]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -100,7 +100,6 @@ class SimHost:
         self, *, index: int, name: str, machine_id: str, group: str, root: Path, config: Path,
         clock: VirtualClock, observer: PowerObserver, reboot_duration: Callable[[], float],
         make_strategy: StrategyFactory | None, never_returns: bool = False,
-        build: Callable[..., Any] | None = None,
     ) -> None:
         self.index = index
         self.name = name
@@ -121,7 +120,6 @@ class SimHost:
         self.kill_requested = asyncio.Event()
         self.agent_kills = 0
         self._settings: Any = None
-        self._build = build
         self.kured_phase = 0.0
         self.boot_delay = 0.0
         self.booting = True  # powering on: the bootloader runs, the agent is not started yet
@@ -156,7 +154,7 @@ class SimHost:
             self._settings = load_settings(self.config, update_conf_paths=(), env={})
         return self._settings
 
-    async def run(self, first_boot: Callable[[], Awaitable[None]] | None = None) -> None:
+    async def run(self) -> None:
         from updateagent.daemon import build_agent
 
         if self.boot_delay > 0:  # the fleet does not come up at one instant
@@ -168,8 +166,7 @@ class SimHost:
         await asyncio.to_thread(self.machine.power_cycle)  # power on: slot A
         while True:
             strategy = self.make_strategy(self) if self.make_strategy is not None else None
-            agent = (self._build or build_agent)(self.settings(), host=self.machine, clock=self.clock,
-                                                 reboot_strategy=strategy)
+            agent = build_agent(self.settings(), host=self.machine, clock=self.clock, reboot_strategy=strategy)
             self.agent = agent
             self.strategy = strategy if strategy is not None else agent.reboot_strategy
             agent.subscribe(on_event=self._on_agent_event)

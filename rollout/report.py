@@ -2,10 +2,11 @@
 
 Definitions (docs/simulation.md has them with examples):
 
-- **makespan**: virtual time from the start of the run until the last host that finished (updated,
-  or rolled back) had its slot released. None when the run did not complete.
+- **makespan**: virtual time from the first host's "update applied, reboot needed" (t0) until the
+  last host finished (healthy on the new version, or rolled back) and had its slot released.
+  None when the run did not complete.
 - **mean reboot cycle** (c): the mean of the hosts' measured down times (power off to power on).
-- **ideal makespan** of a group with F hosts and N slots: ceil(F/N) rounds of length c, each
+- **ideal makespan** of a group with F hosts and N slots, from t0: ceil(F/N) rounds of length c, each
   started as soon as the previous one ended if the group's window is open then (with
   ``min_window_remaining`` left), else at the next such opening. So: ceil(F/N) × c plus the
   closed-window time in between. The fleet's ideal is the largest group's.
@@ -189,14 +190,19 @@ def window_spans(policy: Policy, start: datetime, horizon: float) -> list[tuple[
 
 def build_report(*, scenario: Any, policies: dict[str, Policy], rows: list[HostRow], watcher: Any, clock: Any,
                  outcome: str, writes: float, real_seconds: float, member_killed_at: float | None,
-                 events: list[tuple[float, str, str]], mean_reboot: float) -> Report:
+                 events: list[tuple[float, str, str]], mean_reboot: float, history: Any = ()) -> Report:
     downs = [r.up - r.down for r in rows if r.down is not None and r.up is not None]
     cycle = sum(downs) / len(downs) if downs else mean_reboot
     finished = [max(t for t in (r.released, r.healthy, r.failed) if t is not None)
                 for r in rows if r.status in ("updated", "rolled back")
                 and any(t is not None for t in (r.released, r.healthy, r.failed))]
-    makespan = max(finished) if outcome == "complete" and finished else None
+    applied = [r.applied for r in rows if r.applied is not None]
+    t0 = min(applied) if applied else 0.0  # the rollout starts when the first host needs its reboot
+    makespan = max(finished) - t0 if outcome == "complete" and finished else None
     violations = [asdict(v) for v in watcher.violations]
+    # locksmith.history's verdict on etcd's record of the groups' keys (FIFO, pause, cooldown, ...).
+    violations += [{"kind": f"semaphore:{v.kind}", "group": v.group, "at": None,
+                    "detail": f"revision {v.revision}: {v.description}"} for v in history]
     groups: list[GroupReport] = []
     for g, policy in policies.items():
         grows = [r for r in rows if r.group == g]
@@ -216,8 +222,8 @@ def build_report(*, scenario: Any, policies: dict[str, Policy], rows: list[HostR
             max_down=watcher.max_down_by_group[g], updated=sum(r.status == "updated" for r in grows),
             rolled_back=sum(r.status == "rolled back" for r in grows), booted_new=booted_new,
             paused_at=view.paused_at,
-            makespan=max(g_finished) if outcome == "complete" and g_finished else None,
-            ideal=ideal_makespan(policy, len(grows), cycle, scenario.start),
+            makespan=max(g_finished) - t0 if outcome == "complete" and g_finished else None,
+            ideal=ideal_makespan(policy, len(grows), cycle, scenario.start + timedelta(seconds=t0)),
             windows_always_open=policy.window_set().always_open,
         ))
     handoff_r = [x for v in watcher.groups.values() for x in v.handoffs_real]
@@ -225,7 +231,7 @@ def build_report(*, scenario: Any, policies: dict[str, Policy], rows: list[HostR
     stall = ""
     if outcome != "complete":
         stall = _stall_reason(outcome, rows, watcher)
-    horizon = max(clock.elapsed(), 3600.0)
+    horizon = max(clock.elapsed() * 1.03 + 900.0, 3600.0)  # the chart shows a margin past the end
     return Report(
         label=scenario.label, coordinator=scenario.coordinator, release=scenario.release, seed=scenario.seed,
         hosts=len(rows), outcome=outcome, start=scenario.start, rate=scenario.rate, makespan=makespan,
@@ -320,7 +326,8 @@ def render_text(report: Report, *, max_rows: int = 60) -> str:
                  f"{fmt_t(g.paused_at):>10} {fmt_d(g.makespan):>9} {fmt_d(g.ideal):>8}")
     if r.violations:
         L += ["", "SAFETY VIOLATIONS:"]
-        L += [f"  {v['kind']} in group {v['group']} at {fmt_t(v['at'])}: {v['detail']}" for v in r.violations[:20]]
+        L += [f"  {v['kind']} in group {v['group']}" + (f" at {fmt_t(v['at'])}" if v["at"] is not None else "")
+              + f": {v['detail']}" for v in r.violations[:20]]
     L.append("")
     L.append(f"{'host':<6} {'group':<12} {'applied':>10} {'win wait':>9} {'queue':>9} {'granted':>10} "
              f"{'down':>10} {'up':>10} {'healthy':>10} {'released':>10}  status")

@@ -71,3 +71,30 @@ def agent_cycle(config_toml: str, tmp: Path, group: str) -> tuple[list[str], lis
             await slot.close()
 
     return asyncio.run(go())
+
+
+def fleetlock_exchange(config_toml: str, tmp: Path, node: str, group: str) -> tuple[int, int, str | None]:
+    """The FleetLock server started from its own config file (``[etcd3]`` credentials), then
+    ``GET /-/ready`` and a pre-reboot for ``node``: (ready status, pre-reboot status, error kind)."""
+    import aiohttp
+    from fleetlockrig import HEADERS, body, call
+
+    from locksmith.fleetlock.config import load_settings as load_server_settings
+    from locksmith.fleetlock.server import FleetLockServer
+
+    path = tmp / "fleetlock.toml"
+    path.write_text(config_toml)
+    settings = load_server_settings(str(path))
+
+    async def go() -> tuple[int, int, str | None]:
+        server = FleetLockServer(settings)
+        await server.start()
+        try:
+            async with aiohttp.ClientSession() as http:
+                ready = await call(http, server.urls[0] + "/-/ready", method="GET", headers={})
+                grant = await call(http, server.urls[0] + "/v1/pre-reboot", data=body(node, group), headers=HEADERS)
+                return ready.status, grant.status, grant.kind
+        finally:
+            await server.stop()
+
+    return asyncio.run(go())

@@ -8,13 +8,16 @@ import json
 import os
 import subprocess
 import sys
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from locksmith.keys import DEFAULT_PREFIX
-from updateagent.config import AgentSettings, ConfigError, load_settings
+from updateagent.config import AgentSettings, ConfigError, RawConfig, load_settings, validate
 
 AGENT = str(Path(sys.executable).parent / "update-agent")
 
@@ -259,6 +262,9 @@ INVALID = [
      "{config}: key 'locksmith.lease_ttl_seconds': expected whole seconds from 1 to 3600, got 0"),
 ]
 _IDS = [f"{i:02d}-" + (toml.split("\n")[-1] or uc or "")[:40] for i, (toml, uc, _) in enumerate(INVALID)]
+# Through the real CLIs (two processes each): 13 of them, TOML and update.conf, single and several
+# problems; all of them in-process above (the same load_settings).
+_CLI = (0, 2, 4, 7, 8, 9, 12, 14, 15, 16, 18, 20, 23)
 
 
 def _expected(tmp_path: Path, message: str) -> list[str]:
@@ -283,7 +289,7 @@ def test_invalid_config_in_process(tmp_path: Path, toml: str, update_conf: str |
 
 
 @pytest.mark.parametrize("command", ["daemon", "check-config"])
-@pytest.mark.parametrize(("toml", "update_conf", "message"), INVALID, ids=_IDS)
+@pytest.mark.parametrize(("toml", "update_conf", "message"), [INVALID[i] for i in _CLI], ids=[_IDS[i] for i in _CLI])
 def test_invalid_config_is_refused_by_the_daemon_and_check_config(
     tmp_path: Path, toml: str, update_conf: str | None, message: str, command: str
 ) -> None:
@@ -324,3 +330,32 @@ def test_a_config_that_is_not_a_regular_file_is_refused_not_read(tmp_path: Path)
     r = _run("check-config", "--config", str(fifo), "--update-conf", str(tmp_path / "none"))
     assert r.returncode == 2
     assert r.stderr.strip() == f"update-agent check-config: {fifo}: config file is not a regular file (a FIFO)"
+
+
+# ------------------------------------------------------------------------------ property
+
+
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(day=st.one_of(st.none(), st.sampled_from(_DAYS)), upper=st.booleans(), hour=st.integers(0, 23),
+       minute=st.integers(0, 59), length=st.integers(1, 23 * 60), week=st.integers(0, 20))
+def test_locksmith_window_means_what_locksmithd_meant(monkeypatch: pytest.MonkeyPatch, day: str | None, upper: bool,
+                                                      hour: int, minute: int, length: int, week: int) -> None:
+    """Any START (``[day ]H:MM``, day in any case, as locksmithd's parser took it) and LENGTH: open
+    from the start, in the host's zone (no DST here: Asia/Kolkata, UTC+05:30), until start +
+    length, closed a minute before and at the end."""
+    monkeypatch.setenv("TZ", "Asia/Kolkata")
+    start = f"{hour}:{minute:02d}" if day is None else f"{day.upper() if upper else day.lower()} {hour}:{minute:02d}"
+    raw = RawConfig({}, "config.toml", {"LOCKSMITHD_REBOOT_WINDOW_START": start,
+                                        "LOCKSMITHD_REBOOT_WINDOW_LENGTH": f"{length // 60}h{length % 60}m"},
+                    "update.conf")
+    window = validate(raw, env={}).reboot.local_window
+    assert window is not None
+    kolkata = ZoneInfo("Asia/Kolkata")
+    monday = datetime(2026, 1, 5, tzinfo=kolkata) + timedelta(weeks=week)  # a Monday
+    opens = monday + timedelta(days=_DAYS.index(day) if day else week % 7, hours=hour, minutes=minute)
+    assert window.is_open(opens) and window.is_open(opens + timedelta(minutes=length - 1))
+    assert not window.is_open(opens + timedelta(minutes=length))
+    assert not window.is_open(opens - timedelta(minutes=1))

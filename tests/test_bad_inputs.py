@@ -236,6 +236,9 @@ CASES: list[Case] = [
          "file"),
     Case("agent-update-conf-fifo", "agent", ("", FIFO), "update.conf is not a regular file (a FIFO)", "file"),
     Case("agent-config-missing", "agent", (MISSING, ""), "config file not found", "file"),
+    Case("agent-cafile-with-nul-byte", "agent",
+         ('[reboot]\nstrategy = "etcd-lock"\n[locksmith]\ncafile = "a\\u0000b"\n', ""),
+         "the path contains a NUL byte", "file"),
 
     # -- channel directory: manifest.json and its signature (verified with the trusted key)
     Case("manifest-unknown-field", "channel", ({"color": "blue"}, "signed"), "field 'color': unknown field", "file"),

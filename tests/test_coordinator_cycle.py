@@ -119,7 +119,8 @@ async def test_a_pause_while_queued_holds_the_grant_until_resume(fleet: Fleet) -
     text = generate_latest(AgentMetrics(m.agent).registry).decode()
     for line in ('update_agent_coordinator_state{state="queued"} 1.0', 'update_agent_group{what="paused"} 1.0',
                  'update_agent_group{what="queue_length"} 1.0', 'update_agent_group{what="holders"} 0.0',
-                 'update_agent_group{what="slots"} 1.0', 'update_agent_coordinator_wait_seconds_total{for="window"} 0.0',
+                 'update_agent_group{what="slots"} 1.0',
+                 'update_agent_coordinator_wait_seconds_total{for="window"} 0.0',
                  'update_agent_coordinator_reboots_total{reason="update"} 0.0'):
         assert line in text, text
     assert fleet.watch.grants(m.machine_id) == 0 and m.reboots() == 0

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -136,3 +137,89 @@ async def test_the_reboot_strategy_waits_for_the_hosts_window(tmp_path: Path) ->
 
 async def _until(pred) -> None:  # type: ignore[no-untyped-def]
     await poll_until(pred, within=10, every=0.005)
+
+
+# ------------------------------------------------------------------------------- the machine, at random
+
+action = st.one_of(
+    st.tuples(st.just("request"), st.sampled_from(["2.0.0", "3.0.0"])),
+    st.tuples(st.just("advance"), st.integers(1, 600)),
+    st.tuples(st.just("restart"), st.just(0)),
+    st.tuples(st.just("boot"), st.sampled_from(["success", "rolled_back", "health_check_failed"])),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(windows=st.lists(window, min_size=1, max_size=2), program=st.lists(action, max_size=25))
+def test_random_requests_restarts_and_boots_never_reboot_outside_the_window(
+        tmp_path_factory: pytest.TempPathFactory, windows: list[dict[str, object]],
+        program: list[tuple[str, object]]) -> None:
+    """Whatever happens in whatever order (agent restarts, boots with any verdict, time passing),
+    a reboot starts only inside the host's window, and never twice for one request."""
+    tmp = tmp_path_factory.mktemp("sm")
+    asyncio.run(_run_program(tmp, parse_windows(windows, "UTC"), program))
+
+
+async def _run_program(tmp: Path, ws: object, program: list[tuple[str, object]]) -> None:
+    clock = StepClock(SAT_0100)
+    host = _Host(tmp)
+    boot = [1]
+    reboot_times: list[datetime] = []
+    requests = 0
+
+    since_boot = [0]
+
+    async def counting_reboot() -> None:
+        reboot_times.append(clock.now())
+        host.calls += 1
+        since_boot[0] += 1
+
+    host.reboot = counting_reboot  # type: ignore[method-assign]
+    host.booted = lambda: _boot_info(boot[0])  # type: ignore[method-assign]
+    options = CoordinatorOptions(local_window=ws, reboot_required_file=None)  # type: ignore[arg-type]
+
+    def make() -> Coordinator:
+        return Coordinator(LocalSlot(clock=clock), host, options, state_path=tmp / "coordinator.json", clock=clock)
+
+    async def settle() -> None:
+        for _ in range(60):
+            await asyncio.sleep(0)
+
+    c = make()
+    await c.start()
+    try:
+        for kind, arg in program:
+            if kind == "request":
+                requests += 1
+                await c.reboot_needed(RebootRequest("update", str(arg), "B"))
+            elif kind == "advance":
+                clock.advance(int(arg) * 60)  # type: ignore[call-overload]
+            elif kind == "restart" and not since_boot[0]:  # after a Reboot call the machine goes down
+                await c.close()
+                c = make()
+                await c.start()
+            elif kind == "boot" and host.calls and c.state is CoordState.REBOOTING:
+                await c.close()
+                boot[0] += 1
+                since_boot[0] = 0
+                c = make()
+                await c.start()
+                assert c.state is CoordState.AFTER_BOOT
+                if arg == "health_check_failed":
+                    await c.reboot_needed(RebootRequest("rollback", "1.0.0", "A"))
+                else:
+                    await c.boot_settled(str(arg), "2.0.0")
+            await settle()
+            for t in reboot_times:
+                assert ws.is_open(t), f"rebooted at {t} outside the window"  # type: ignore[attr-defined]
+            # One Reboot call per boot, however often the agent repeats its request.
+            assert since_boot[0] <= 1
+            assert host.calls <= requests + sum(1 for k, a in program if a == "health_check_failed")
+    finally:
+        await c.close()
+
+
+def _boot_info(n: int):  # type: ignore[no-untyped-def]
+    from updateagent.host import BootInfo
+
+    return BootInfo(partuuid="0" * 8 + "-0000-0000-0000-" + "0" * 12, boot_id=f"boot-{n}")

@@ -9,6 +9,7 @@ import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -186,3 +187,65 @@ async def test_agent_full_update_cycle_with_fleetlock(kind: str, tmp_path: Path,
                     ("steady-state", m.machine_id, 200)]
         finally:
             await fleet.close()
+
+
+class RecordingClock:
+    """The backend's clock: records each backoff sleep and returns at once; the test stops the
+    retries after ``stop_after`` sleeps by cancelling."""
+
+    def __init__(self, stop_after: int) -> None:
+        self.sleeps: list[float] = []
+        self.stop_after = stop_after
+        self.enough = asyncio.Event()
+        self._now = datetime(2026, 11, 28, tzinfo=UTC)
+
+    def now(self) -> datetime:
+        return self._now
+
+    def monotonic(self) -> float:
+        return 0.0
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        if len(self.sleeps) >= self.stop_after:
+            self.enough.set()
+            await asyncio.Event().wait()
+        await asyncio.sleep(0)
+
+
+@pytest.mark.parametrize("retry_after", [None, 3600])
+async def test_pre_reboot_backs_off_with_jitter_and_a_cap(retry_after: int | None, tmp_path: Path) -> None:
+    from aiohttp import web
+
+    async def refuse(request: web.Request) -> web.Response:
+        headers = {"Retry-After": str(retry_after)} if retry_after else {}
+        return web.json_response({"kind": "no_slot", "value": "full"}, status=409, headers=headers)
+
+    app = web.Application()
+    app.router.add_post("/v1/pre-reboot", refuse)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    clock = RecordingClock(stop_after=12)
+    s = FleetLockSlot(url, GROUP, state_dir=tmp_path, clock=clock)  # the real 1 s .. 300 s schedule
+    await s.open("node-a")
+    task = asyncio.create_task(s.acquire("x"))
+    try:
+        async with asyncio.timeout(30):
+            await clock.enough.wait()
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await s.close()
+        await runner.cleanup()
+    if retry_after is None:
+        for i, slept in enumerate(clock.sleeps):
+            nominal = min(2.0 ** i, 300.0)
+            assert 0.8 * nominal <= slept <= 1.2 * nominal, (i, slept)
+        assert len({round(x / min(2.0 ** i, 300.0), 3) for i, x in enumerate(clock.sleeps)}) > 1  # jittered
+    else:
+        assert all(240 <= slept <= 360 for slept in clock.sleeps)  # Retry-After, capped at 5 min
+    assert s.last_refusal is not None and s.last_refusal.kind == "no_slot"

@@ -133,6 +133,7 @@ def test_defaults_without_a_file_section() -> None:
     ("[[lock.groups]]\nslots = 1\n", "lock.groups[0].name", "required"),
     ("[[lock.groups]]\nname = \"x\"\nsize = 1\n", "lock.groups[0].size", "unknown key"),
     ("[service\n", "", "TOML syntax error"),
+    ("[service]\nbase_path = \"fleet lock\"\n", "service.base_path", "not a URL path"),
 ])
 def test_config_errors_name_file_key_and_problem(text: str, where: str, words: str) -> None:
     with pytest.raises(ConfigError) as err:

@@ -235,6 +235,22 @@ async def test_ready_reports_etcd_down(prefix: str, session: aiohttp.ClientSessi
         assert (ready.status, ready.kind) == (503, "etcd_unavailable")
         reply = await pre_reboot(session, server.urls[0], "a", GROUP)
         assert (reply.status, reply.kind) == (503, "etcd_unavailable")
+    # With airlock's [lock] groups still to be written, the replica is not ready.
+    async with running(dead, prefix, groups={"default": 2}) as server:
+        ready = await call(session, f"{server.urls[0]}/-/ready", method="GET", headers={})
+        assert (ready.status, ready.kind) == (503, "not_ready")
+
+
+async def test_base_path_serves_zincati_style_urls(
+        etcd: Etcd, etcd_config: EtcdConfig, prefix: str, session: aiohttp.ClientSession) -> None:
+    from locksmith.fleetlock.config import parse_settings
+
+    assert parse_settings('[service]\nbase_path = "/fleet_lock"\n').base_path == "/fleet_lock/"
+    await apply(etcd, prefix, GROUP)
+    async with running(etcd_config, prefix, base_path="/fleet_lock/") as server:
+        base = server.urls[0]
+        assert (await pre_reboot(session, f"{base}/fleet_lock", "a", GROUP)).status == 200
+        assert (await pre_reboot(session, base, "a", GROUP)).kind == "not_found"
 
 
 async def test_mutual_tls(etcd: Etcd, etcd_config: EtcdConfig, prefix: str, tmp_path: Path) -> None:
@@ -363,3 +379,21 @@ async def test_a_host_keeps_its_place_while_it_asks_and_loses_it_when_it_stops(
                     break
         late = await pre_reboot(session, base, "node-c", GROUP)
         assert "1st of 1 in line" in late.doc["value"]
+
+
+async def test_unparseable_http_is_a_400_and_one_log_line(
+        etcd: Etcd, etcd_config: EtcdConfig, prefix: str, capsys: pytest.CaptureFixture[str],
+        caplog: pytest.LogCaptureFixture) -> None:
+    async with running(etcd_config, prefix) as server:
+        host, port = server.urls[0].removeprefix("http://").rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"POST /v1/pre-reboot HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 10_000 + b"\r\n\r\n")
+        await writer.drain()
+        async with asyncio.timeout(20):
+            answer = await reader.read()
+        writer.close()
+    assert answer.startswith((b"HTTP/1.0 400", b"HTTP/1.1 400")), answer[:100]
+    out = capsys.readouterr()
+    assert "fleetlock_malformed_http" in out.out + out.err
+    # aiohttp's own record (with its traceback) never reaches a handler
+    assert [r for r in caplog.records if r.name == "aiohttp.server"] == []

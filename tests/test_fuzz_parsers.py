@@ -25,6 +25,7 @@ from locksmith import audit, budget, policystore
 from locksmith import semaphore as sem
 from locksmith.errors import LocksmithError
 from locksmith.etcd import KeyValue
+from locksmith.fleetlock.config import parse_settings
 from locksmith.fleetlock.protocol import FleetLockError, parse_request
 from locksmith.keys import Layout
 from locksmith.policy import parse_policy_text, policy_from_json
@@ -379,6 +380,30 @@ FL_BODY = {"client_params": {"id": "node-1", "group": "default"}}
                                                             near(FL_BODY["client_params"], json_values | nasty_text)))))
 def test_fuzz_fleetlock_request(header: str | None, body: bytes) -> None:
     ours(lambda: parse_request(header, body))
+
+
+FL_SECTIONS = {
+    "service": ["address", "port", "tls", "tls_cert_file", "tls_key_file", "client_ca_file", "token_file",
+                "trust_forwarded_for", "base_path"],
+    "status": ["enabled", "address", "port", "tls"],
+    "etcd3": ["endpoints", "transaction_timeout_ms", "client_cert_pub_path", "client_cert_key_path", "ca_file",
+              "username", "password_file", "prefix"],
+    "lock": ["default_group_name", "default_slots", "groups"],
+    "fleetlock": ["max_body_bytes", "request_timeout", "queue_ttl", "any_group"],
+}
+fl_configs = st.dictionaries(
+    st.sampled_from(sorted(FL_SECTIONS)) | texts,
+    st.dictionaries(st.sampled_from(sorted({k for v in FL_SECTIONS.values() for k in v})) | texts,
+                    config_values | st.lists(st.fixed_dictionaries({"name": texts, "slots": big_ints}), max_size=2),
+                    max_size=5) | json_values,
+    max_size=4,
+)
+
+
+@FUZZ
+@given(st.one_of(fl_configs.map(to_toml), nasty_text))
+def test_fuzz_fleetlock_server_config(text: str) -> None:
+    ours(lambda: parse_settings(text, source="fleetlock.toml"))
 
 
 # -- the values at every etcd key we read ----------------------------------------------------------

@@ -12,7 +12,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+import structlog
+from click.testing import CliRunner
 from hypothesis import given, strategies
+from structlog.testing import capture_logs
 
 from locksmith import audit
 from locksmith.cli import hoist_global_options
@@ -20,6 +23,7 @@ from locksmith.cli import main as locksmithctl
 from locksmith.embedded import EmbeddedEtcd
 from locksmith.etcd import Etcd, EtcdConfig
 from locksmith.keys import Layout
+from locksmith.log import get_logger
 from locksmith.semaphore import Semaphore
 
 LOCKSMITHCTL = str(Path(sys.executable).with_name("locksmithctl"))
@@ -157,3 +161,15 @@ def test_hoisting_moves_exactly_the_global_options(before: list[list[str]], afte
 def test_an_option_value_after_the_double_dash_is_not_moved() -> None:
     with locksmithctl.make_context("locksmithctl", ["status"]) as ctx:
         assert hoist_global_options(locksmithctl, ctx, ["lock", "--", "-o"]) == ["lock", "--", "-o"]
+
+
+def test_an_in_process_run_leaves_the_callers_logging_as_it_was() -> None:
+    # The CLI configures logging for its own run only: a test process that runs it through
+    # CliRunner must still capture its own info events afterwards.
+    before = structlog.get_config()
+    result = CliRunner().invoke(locksmithctl, ["status", "-o", "json", "--endpoint", "http://127.0.0.1:9"])
+    assert result.exit_code == 1
+    assert structlog.get_config() == before
+    with capture_logs() as logs:
+        get_logger("t").info("still_captured")
+    assert [e["event"] for e in logs] == ["still_captured"]

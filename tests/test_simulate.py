@@ -175,4 +175,5 @@ def test_a_broken_semaphore_compare_makes_the_command_exit_non_zero(monkeypatch:
                                             "--reboot-duration", "fixed:5m"])
     assert res.exit_code == 3, res.output
     assert "SAFETY VIOLATED" in res.stdout
-    assert "holders in group sim" in res.stdout
+    assert "holders in group sim" in res.stdout  # the live watcher
+    assert "semaphore:too_many_holders in group sim" in res.stdout  # locksmith.history's replay of etcd

@@ -15,9 +15,8 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
-import aiohttp
 import pytest
-from etcdroles import agent_cycle, setup_roles
+from etcdroles import agent_cycle, fleetlock_exchange, setup_roles
 from pki import CertPair, Pki, make_pki
 
 from locksmith.embedded import EmbeddedEtcd, TlsMaterial
@@ -145,24 +144,17 @@ def test_a_per_group_role_confines_a_host_to_its_group(cluster: EmbeddedEtcd, pk
     assert store_revision(cluster) == before
 
 
-def test_fleetlock_server_over_mtls_with_the_agent_role(cluster: EmbeddedEtcd, pki: Pki) -> None:
-    from fleetlockrig import HEADERS, body, call, running
-
-    cfg = as_cert(cluster, pki, pki.clients["agent"])
-
-    async def go() -> tuple[int, int, str | None]:
-        async with running(cfg, DEFAULT_PREFIX, any_group=True) as server, aiohttp.ClientSession() as http:
-            ready = await call(http, server.urls[0] + "/-/ready", method="GET", headers={})
-            grant = await call(http, server.urls[0] + "/v1/pre-reboot", data=body("zincati-1", "fl-tls"),
-                               headers=HEADERS)
-            return ready.status, grant.status, grant.kind
-
-    # /-/ready reads its revision under the prefix: the agent role (prefix only) is enough. Reading
-    # it from a key outside the prefix, as the server did before, is refused.
+def test_fleetlock_server_over_mtls_with_the_agent_role(cluster: EmbeddedEtcd, pki: Pki, tmp_path: Path) -> None:
+    agent = pki.clients["agent"]
+    toml = (f'[service]\naddress = "127.0.0.1"\nport = 0\n[fleetlock]\nany_group = true\n'
+            f'[etcd3]\nendpoints = {list(cluster.endpoints)!r}\nca_file = "{pki.ca}"\n'
+            f'client_cert_pub_path = "{agent.cert}"\nclient_cert_key_path = "{agent.key}"\n').replace("'", '"')
+    # /-/ready reads its revision under the prefix, so the agent role (prefix only) is enough.
+    # Reading it from a key outside the prefix, as the server did before, is refused.
     with pytest.raises(EtcdAuthError, match="denied permission to read the revision"):
-        run(cfg, lambda etcd: etcd.revision())
-    assert asyncio.run(go()) == (200, 200, None)
-    holders = run(cfg, lambda etcd: etcd.get_prefix(Layout("fl-tls").holders))[0]
+        run(as_cert(cluster, pki, agent), lambda etcd: etcd.revision())
+    assert fleetlock_exchange(toml, tmp_path, "zincati-1", "fl-tls") == (200, 200, None)
+    holders = run(as_cert(cluster, pki, agent), lambda etcd: etcd.get_prefix(Layout("fl-tls").holders))[0]
     assert [kv.key.rsplit("/", 1)[1] for kv in holders] == ["zincati-1"]
 
 

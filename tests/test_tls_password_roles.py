@@ -16,7 +16,7 @@ from typing import TypeVar
 
 import pytest
 from click.testing import CliRunner
-from etcdroles import PASSWORDS, agent_cycle, setup_roles
+from etcdroles import PASSWORDS, agent_cycle, fleetlock_exchange, setup_roles
 from pki import Pki, make_pki
 
 from locksmith.cli import main
@@ -132,3 +132,12 @@ def test_agent_config_with_a_password(server: EmbeddedEtcd, pki: Pki, tmp_path: 
     toml = (f'[reboot]\nstrategy = "etcd-lock"\n[locksmith]\nendpoints = ["{server.endpoints[0]}"]\n'
             f'cafile = "{pki.ca}"\nusername = "agent"\npassword = "{PASSWORDS["agent"]}"\ngroup = "pw-agent"\n')
     assert agent_cycle(toml, tmp_path, "pw-agent") == (["host-1"], [])
+
+
+def test_fleetlock_server_with_a_password_file(server: EmbeddedEtcd, pki: Pki, tmp_path: Path) -> None:
+    secret = tmp_path / "etcd-password"
+    secret.write_text(PASSWORDS["agent"] + "\n")
+    toml = (f'[service]\naddress = "127.0.0.1"\nport = 0\n[fleetlock]\nany_group = true\n'
+            f'[etcd3]\nendpoints = ["{server.endpoints[0]}"]\nca_file = "{pki.ca}"\n'
+            f'username = "agent"\npassword_file = "{secret}"\n')
+    assert fleetlock_exchange(toml, tmp_path, "zincati-2", "pw-fl") == (200, 200, None)

@@ -390,8 +390,10 @@ class Agent:
         self.state = await asyncio.to_thread(self.store.load_or_reset, self._now())
         self.phase = Phase.STARTING
         log.info("agent_start", saved_status=self.state.status, current_version=self.state.current_version)
+        start = getattr(self.reboot_strategy, "start", None)  # a test's own strategy may have none
         try:
-            await self.reboot_strategy.start()  # resumes a coordinated reboot in its own task
+            if start is not None:
+                await start()  # resumes a coordinated reboot in its own task
         except Exception as exc:
             log.error("reboot_strategy_failed", hook="start", error=str(exc))
 

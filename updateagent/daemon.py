@@ -202,7 +202,9 @@ async def serve(settings: AgentSettings, *, use_dbus: bool = True, notifier: Not
                 await asyncio.wait_for(runner, 10)
             if service is not None:
                 await service.stop()
-            await agent.reboot_strategy.close()  # leaves a queue, stops the coordinator's task
+            close = getattr(agent.reboot_strategy, "close", None)
+            if close is not None:
+                await close()  # leaves a queue, stops the coordinator's task
             metrics.close()
             if runner.done() and not runner.cancelled() and runner.exception() is not None:
                 raise runner.exception()  # type: ignore[misc]

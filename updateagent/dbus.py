@@ -130,18 +130,22 @@ class AgentInterface(ServiceInterface):
     def GetDenyList(self) -> StrList:
         return [entry.version for entry in self._agent.state.deny_list]
 
+    def _coordinator(self) -> dict[str, Any]:
+        describe = getattr(self._agent.reboot_strategy, "describe", None)  # a test's own strategy may lack it
+        return describe() if callable(describe) else {"format_version": 1, "state": "", "status": ""}
+
     @method()
     def GetCoordinator(self) -> Str:
         """The reboot coordinator's state, status line and group view (docs/coordinator.md)."""
-        return json.dumps(self._agent.reboot_strategy.describe(), default=str)
+        return json.dumps(self._coordinator(), default=str)
 
     @dbus_property(access=PropertyAccess.READ)
     def CoordinatorState(self) -> Str:
-        return str(self._agent.reboot_strategy.describe().get("state", ""))
+        return str(self._coordinator().get("state", ""))
 
     @dbus_property(access=PropertyAccess.READ)
     def CoordinatorStatus(self) -> Str:
-        return self._agent.reboot_strategy.status_text()
+        return str(self._coordinator().get("status", ""))
 
     def coordinator_changed(self) -> None:
         self.emit_properties_changed({"CoordinatorState": self.CoordinatorState,
@@ -244,7 +248,9 @@ class AgentService:
         self.bus = await self._attach()
         self._last = None
         self.agent.subscribe(self._on_status, self._on_event)
-        self.agent.reboot_strategy.subscribe(self._on_coordinator)
+        follow = getattr(self.agent.reboot_strategy, "subscribe", None)
+        if callable(follow):
+            follow(self._on_coordinator)
         self._watcher = asyncio.ensure_future(self._watch(self.bus))
         log.info("dbus_ready", name=BUS_NAME, path=OBJECT_PATH, address=self.bus_address or "system")
 

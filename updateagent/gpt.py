@@ -292,6 +292,8 @@ def _open(path: str | os.PathLike[str], writable: bool) -> Iterator[int]:
         fd = os.open(p, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as exc:
         raise GptError(f"{p}: cannot open: {exc.strerror}") from exc
+    except ValueError:  # a NUL byte in the path
+        raise GptError(f"{p!r}: cannot open: the path contains a NUL byte") from None
     try:
         mode = os.fstat(fd).st_mode
         if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):

@@ -54,7 +54,7 @@ CHUNK_SIZE = 256 * 1024
 QUEUE_DEPTH = 8
 MAX_ZSTD_WINDOW = 32 * 1024 * 1024
 PROGRESS_INTERVAL = 0.25  # seconds between progress callbacks
-HASH_QUEUE_DEPTH = 4  # decompressed chunks waiting for the sha256 thread
+HASH_QUEUE_DEPTH = 2  # decompressed chunks waiting for the sha256 thread
 # The stall rule's defaults: a connection must deliver DEFAULT_STALL_BYTES within every
 # DEFAULT_STALL_SECONDS (about 1 KiB/s); a slower one is cut and resumed with a Range request.
 DEFAULT_STALL_BYTES = 64 * 1024

@@ -189,7 +189,9 @@ def main(ctx: click.Context, endpoints: tuple[str, ...], etcd_cafile: str | None
          prefix: str, output: str, verbose: int) -> None:
     """Operate the cluster's reboot coordination in etcd v3."""
     # stdout is for the output alone (``-o json`` must parse): every log line goes to stderr.
-    log.configure("DEBUG" if verbose >= 2 else "INFO" if verbose == 1 else "WARNING", stream=sys.stderr)
+    restore = log.configure_for_command("DEBUG" if verbose >= 2 else "INFO" if verbose == 1 else "WARNING",
+                                        stream=sys.stderr)
+    ctx.call_on_close(restore)
     try:
         check_group(group)
         cfg = EtcdConfig(

@@ -14,7 +14,8 @@ Ours, all optional:
     [service]  tls_cert_file, tls_key_file (needed with tls = true), client_ca_file (mTLS: only
                clients with a certificate from this CA get an answer), token_file (a shared
                token: ``Authorization: Bearer <token>``, or the password of HTTP Basic auth),
-               trust_forwarded_for (false; true: the client address is X-Forwarded-For's last entry)
+               trust_forwarded_for (false; true: the client address is X-Forwarded-For's last entry),
+               base_path ("/": the protocol under "/fleet_lock/" for base_url ".../fleet_lock/")
     [etcd3]    ca_file, username, password_file, prefix ("locksmith/v1/")
     [fleetlock] max_body_bytes (4096), request_timeout ("10s"), queue_ttl ("15m"),
                any_group (false: only groups with a stored policy are served)
@@ -64,6 +65,7 @@ class ServerSettings:
     client_ca_file: str | None = None
     token_file: str | None = None
     trust_forwarded_for: bool = False
+    base_path: str = "/"  # the protocol's paths are <base_path>v1/pre-reboot and <base_path>v1/steady-state
     status_enabled: bool = False
     status_address: str = "127.0.0.1"
     status_port: int = 2222
@@ -80,7 +82,7 @@ class ServerSettings:
 
 _SECTIONS: dict[str, tuple[str, ...]] = {
     "service": ("address", "port", "tls", "tls_cert_file", "tls_key_file", "client_ca_file", "token_file",
-                "trust_forwarded_for"),
+                "trust_forwarded_for", "base_path"),
     "status": ("enabled", "address", "port", "tls"),
     "etcd3": ("endpoints", "transaction_timeout_ms", "client_cert_pub_path", "client_cert_key_path", "ca_file",
               "username", "password_file", "prefix"),
@@ -157,6 +159,10 @@ def parse_settings(text: str, *, source: str = "<text>") -> ServerSettings:
         raise ConfigError(source, "etcd3.client_cert_pub_path", "client_cert_pub_path and client_cert_key_path "
                                                                 "go together")
 
+    base_path = r.string(svc, "service.base_path", "/") or "/"
+    if not re.match(r"^/([A-Za-z0-9._~-]+/)*$", base_path + ("" if base_path.endswith("/") else "/")):
+        raise ConfigError(source, "service.base_path", f"{base_path!r} is not a URL path like '/' or '/fleet_lock/'")
+    base_path = base_path if base_path.endswith("/") else base_path + "/"
     prefix = r.string(etc, "etcd3.prefix", DEFAULT_PREFIX) or ""
     if not prefix:
         raise ConfigError(source, "etcd3.prefix", "must not be empty")
@@ -165,7 +171,7 @@ def parse_settings(text: str, *, source: str = "<text>") -> ServerSettings:
         port=r.integer(svc, "service.port", 9090, minimum=0, maximum=_MAX_PORT),
         tls=tls, tls_cert_file=cert, tls_key_file=key, client_ca_file=client_ca,
         token_file=r.string(svc, "service.token_file", None),
-        trust_forwarded_for=r.boolean(svc, "service.trust_forwarded_for", False),
+        trust_forwarded_for=r.boolean(svc, "service.trust_forwarded_for", False), base_path=base_path,
         status_enabled=r.boolean(st, "status.enabled", False),
         status_address=r.string(st, "status.address", "127.0.0.1") or "127.0.0.1",
         status_port=r.integer(st, "status.port", 2222, minimum=0, maximum=_MAX_PORT),

@@ -61,6 +61,7 @@ KINDS: dict[str, int] = {
     "corrupt_state": 500,
     "internal": 500,
     "etcd_unavailable": 503,
+    "not_ready": 503,
     "contended": 503,
     "timeout": 503,
 }

@@ -20,6 +20,7 @@ import binascii
 import contextlib
 import contextvars
 import hmac
+import logging
 import signal
 import ssl
 import time
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
@@ -44,7 +46,6 @@ __all__ = ["FleetLockServer", "Metrics", "build_app", "serve_forever"]
 
 _log = get_logger(__name__)
 
-_ENDPOINTS = {PRE_REBOOT: "pre-reboot", STEADY_STATE: "steady-state", "/-/ready": "ready", "/metrics": "metrics"}
 _SERVICE_KEY = web.AppKey("fleetlock_service", FleetLockService)
 _MAX_LINE = 8190  # aiohttp's default request-line and header-field limits, stated
 
@@ -65,6 +66,7 @@ class Metrics:
 
 
 _METRICS_KEY = web.AppKey("fleetlock_metrics", Metrics)
+_READY_KEY = web.AppKey("fleetlock_ready", Callable[[], str])
 
 
 @dataclass
@@ -88,19 +90,22 @@ class _Limits:
 
 def build_app(service: FleetLockService, *, metrics: Metrics | None = None, max_body_bytes: int = 4096,
               request_timeout: float = 10.0, token: str | None = None, trust_forwarded_for: bool = False,
-              protocol_routes: bool = True) -> web.Application:
+              protocol_routes: bool = True, base_path: str = "/",
+              ready_check: Callable[[], str] | None = None) -> web.Application:
     """The aiohttp application; ``protocol_routes=False`` gives the status listener's app
-    (/metrics and /-/ready only)."""
+    (/metrics and /-/ready only). The protocol's paths are under ``base_path``; ``ready_check``
+    returns "" when ready, else why not."""
     metrics = metrics or Metrics()
     limits = _Limits(request_timeout, token, trust_forwarded_for)
     app = web.Application(client_max_size=max_body_bytes, middlewares=[_middleware(limits, metrics)])
     app[_SERVICE_KEY] = service
     app[_METRICS_KEY] = metrics
+    app[_READY_KEY] = ready_check or (lambda: "")
     if protocol_routes:
-        app.router.add_post(PRE_REBOOT, _pre_reboot)
-        app.router.add_post(STEADY_STATE, _steady_state)
-    app.router.add_get("/-/ready", _ready)
-    app.router.add_get("/metrics", _metrics)
+        app.router.add_post(base_path + PRE_REBOOT.lstrip("/"), _pre_reboot, name="pre-reboot")
+        app.router.add_post(base_path + STEADY_STATE.lstrip("/"), _steady_state, name="steady-state")
+    app.router.add_get("/-/ready", _ready, name="ready")
+    app.router.add_get("/metrics", _metrics, name="metrics")
     return app
 
 
@@ -136,6 +141,9 @@ async def _steady_state(request: web.Request) -> web.Response:
 
 
 async def _ready(request: web.Request) -> web.Response:
+    why = request.app[_READY_KEY]()
+    if why:
+        raise FleetLockError("not_ready", why)
     revision = await request.app[_SERVICE_KEY].ready()
     _EXCHANGE.get().answer = "ready"
     return web.json_response({"status": "ready", "etcd_revision": revision})
@@ -172,8 +180,8 @@ def _authorized(request: web.Request, token: str) -> bool:
 
 def _http_error(exc: web.HTTPException) -> FleetLockError:
     if exc.status == 404:
-        return FleetLockError("not_found", "no such endpoint: FleetLock has POST /v1/pre-reboot and "
-                                           "POST /v1/steady-state")
+        return FleetLockError("not_found", "no such endpoint: FleetLock has POST v1/pre-reboot and "
+                                           "POST v1/steady-state under the server's base path")
     if exc.status == 405:
         allowed = ", ".join(sorted(getattr(exc, "allowed_methods", ()) or ()))
         return FleetLockError("method_not_allowed", f"method not allowed here (allowed: {allowed or 'none'})")
@@ -187,7 +195,8 @@ def _middleware(limits: _Limits, metrics: Metrics) -> Callable[..., Awaitable[we
     async def middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
                          ) -> web.StreamResponse:
         started = time.monotonic()
-        endpoint = _ENDPOINTS.get(request.path, "other")
+        route = getattr(request.match_info, "route", None)
+        endpoint = getattr(route, "name", None) or "other"
         client = _client_address(request, limits.trust_forwarded_for)
         exchange = _Exchange(client)
         _EXCHANGE.set(exchange)
@@ -250,6 +259,25 @@ def _log_request(request: web.Request, exchange: _Exchange, endpoint: str, statu
         _log.error("fleetlock_request", **fields)
 
 
+class _MalformedHttpFilter(logging.Filter):
+    """aiohttp logs a request it cannot parse (a header over the limit, garbage) with a
+    traceback; for a server on a network that is a client's mistake: one warning line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            first = (str(exc).strip().splitlines() or [""])[-1].strip()
+            _log.warning("fleetlock_malformed_http", status=exc.code, error=first[:200])
+            return False
+        return True
+
+
+def _quiet_malformed_http() -> None:
+    logger = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, _MalformedHttpFilter) for f in logger.filters):
+        logger.addFilter(_MalformedHttpFilter())
+
+
 def _ssl_context(settings: ServerSettings) -> ssl.SSLContext | None:
     if not settings.tls:
         return None
@@ -285,6 +313,7 @@ class FleetLockServer:
 
     async def start(self) -> None:
         s = self.settings
+        _quiet_malformed_http()
         token = read_token(s.token_file) if s.token_file else None
         ctx = _ssl_context(s)
         if self._etcd is None:
@@ -298,11 +327,13 @@ class FleetLockServer:
         try:
             app = build_app(self.service, metrics=self.metrics, max_body_bytes=s.max_body_bytes,
                             request_timeout=s.request_timeout.total_seconds(), token=token,
-                            trust_forwarded_for=s.trust_forwarded_for)
+                            trust_forwarded_for=s.trust_forwarded_for, base_path=s.base_path,
+                            ready_check=self._not_ready)
             self.urls = await self._listen(app, s.address, s.port, ctx)
             if s.status_enabled:
                 status_app = build_app(self.service, metrics=self.metrics, protocol_routes=False,
-                                       request_timeout=s.request_timeout.total_seconds(), token=token)
+                                       request_timeout=s.request_timeout.total_seconds(), token=token,
+                                       ready_check=self._not_ready)
                 self.status_urls = await self._listen(status_app, s.status_address, s.status_port,
                                                       ctx if s.status_tls else None)
         except BaseException:
@@ -333,6 +364,9 @@ class FleetLockServer:
             h = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
             out.append(f"{scheme}://{h}:{addr[1]}")
         return out
+
+    def _not_ready(self) -> str:
+        return "" if self.imported.is_set() else "creating the policies of the config's [lock] groups in etcd"
 
     async def _import(self) -> None:
         """airlock's [lock] groups that have no policy yet get one; retried until etcd answers."""

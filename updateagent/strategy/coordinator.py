@@ -310,6 +310,7 @@ class Coordinator:
         self._acquire: asyncio.Task[Grant] | None = None
         self._backend_open = False
         self._backend_failures = 0
+        self._idle_failures = 0
         self._next_open: datetime | None = None
         self._users = 0
         self._closing = False
@@ -585,22 +586,39 @@ class Coordinator:
     # ----------------------------------------------------------------------- handlers
 
     async def _tick_idle(self) -> datetime | None:
+        now = self.clock.now()
+        if self._reboot_required():
+            self.rec = replace(self.rec, request={"reason": "reboot-required", "version": "", "slot": ""},
+                               pre_hooks_ran=False, rollback=False, verdict="", failure_reported=False)
+            self._transition(CoordState.WAITING_FOR_WINDOW, f"{self.options.reboot_required_file} exists")
+            return None
+        poll = now + timedelta(seconds=self.options.reboot_required_poll) \
+            if self.options.reboot_required_file is not None else None
+        # Idle hosts follow the group too (a watch, no polling): its numbers for the metrics, and
+        # any host may deal with an overdue holder. etcd being down must not stop the file check.
+        try:
+            await self._ensure_backend()
+            tend_at = await self.backend.tend(now)
+        except Exception as exc:
+            self._idle_failures += 1
+            delay = min(_RETRY_INITIAL * 2 ** min(self._idle_failures - 1, 16), _RETRY_MAX)
+            log.warning("coordinator_backend_unavailable", backend=self.backend.kind, error=str(exc), retry_in=delay)
+            return _earliest(poll, now + timedelta(seconds=delay))
+        self._idle_failures = 0
+        return _earliest(poll, tend_at)
+
+    def _reboot_required(self) -> bool:
         path = self.options.reboot_required_file
         if path is None:
-            return None
+            return False
         try:
             mtime = path.stat().st_mtime
         except OSError:
-            return self.clock.now() + timedelta(seconds=self.options.reboot_required_poll)
+            return False
         last = _parse_time(self.rec.last_reboot_at)
         # A file older than our own last reboot was handled by it (a real /run is emptied by the
         # reboot; this guards a /run that is not a tmpfs).
-        if last is None or mtime > last.timestamp():
-            self.rec = replace(self.rec, request={"reason": "reboot-required", "version": "", "slot": ""},
-                               pre_hooks_ran=False, rollback=False, verdict="", failure_reported=False)
-            self._transition(CoordState.WAITING_FOR_WINDOW, f"{path} exists")
-            return None
-        return self.clock.now() + timedelta(seconds=self.options.reboot_required_poll)
+        return last is None or mtime > last.timestamp()
 
     async def _tick_waiting_for_window(self) -> datetime | None:
         await self._ensure_backend()
