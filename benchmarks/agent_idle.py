@@ -291,11 +291,11 @@ def main() -> int:
     print(f"etcd-lock CPU: {lock['cpu_pct']:.3f}% of a core (target < 1%: "
           f"{'met' if lock['cpu_pct'] < 1 else 'NOT met'}); strategy off: {off['cpu_pct']:.3f}%")
     print("\netcd requests (etcd's /metrics; stream messages counted one by one), strategy etcd-lock:")
-    print(f"  {'method':<30} {'idle: start':>11} {'idle: /min':>10} {'queued: start':>13} {'queued: /min':>12}")
+    print(f"  {'method':<32} {'idle: start':>11} {'idle: /min':>10} {'queued: start':>13} {'queued: /min':>12}")
     methods = sorted({m for row in (lock, queued) for key in ("etcd_startup", "etcd_per_minute") for m in row[key]})
     for method in methods or ["(none)"]:
         cells = [row[key].get(method, 0) for row in (lock, queued) for key in ("etcd_startup", "etcd_per_minute")]
-        print(f"  {method:<30} {cells[0]:>11.0f} {cells[1]:>10.1f} {cells[2]:>13.0f} {cells[3]:>12.1f}")
+        print(f"  {method:<32} {cells[0]:>11.0f} {cells[1]:>10.1f} {cells[2]:>13.0f} {cells[3]:>12.1f}")
     print(f"  queued agent: RSS {_mb(queued['rss'])}, CPU {queued['cpu_pct']:.3f}% of a core")
     if off["etcd_per_minute"] or off["etcd_startup"]:
         print("strategy off (should be none):", off["etcd_startup"], off["etcd_per_minute"])

@@ -95,3 +95,34 @@ async def _revoke_places(etcd_config: EtcdConfig, prefix: str) -> None:
 async def keys(etcd: Etcd, prefix: str, group: str) -> dict[str, bytes]:
     kvs, _ = await etcd.get_prefix(Layout(group, prefix).base)
     return {kv.key[len(Layout(group, prefix).base):]: kv.value for kv in kvs}
+
+
+@dataclass
+class Changes:
+    """What changed under a test's prefix between two reads: keys put (with their mod revision)
+    and keys deleted. The server writes nothing outside the prefix, so this is its every write,
+    whatever other tests sharing the etcd do meanwhile (a global revision would count those)."""
+
+    put: dict[str, int]
+    deleted: set[str]
+
+    @property
+    def none(self) -> bool:
+        return not self.put and not self.deleted
+
+    @property
+    def revisions(self) -> set[int]:
+        return set(self.put.values())
+
+    def keys(self, under: str = "") -> set[str]:
+        return {k for k in self.put if k.startswith(under)}
+
+
+async def snapshot(etcd: Etcd, prefix: str) -> dict[str, int]:
+    kvs, _ = await etcd.get_prefix(prefix)
+    return {kv.key[len(prefix):]: kv.mod_revision for kv in kvs}
+
+
+async def changes(etcd: Etcd, prefix: str, before: dict[str, int]) -> Changes:
+    after = await snapshot(etcd, prefix)
+    return Changes({k: r for k, r in after.items() if before.get(k) != r}, set(before) - set(after))

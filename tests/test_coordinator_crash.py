@@ -186,3 +186,28 @@ async def test_sigkill_after_the_boot(fleet: Fleet, state: str) -> None:
     await _completed(fleet, m)
     assert time.monotonic() - started < 60
     await _history_clean(fleet)
+
+
+async def test_sigkill_while_failed(fleet: Fleet) -> None:
+    """A pre-reboot hook failed (slot given back); killed there. After the operator fixed the hook,
+    the restarted agent asks again (it resumes UPDATED_NEED_REBOOT) and the cycle completes."""
+    fleet.publish("2.0.0")
+    (m,) = fleet.add(1, process=True)
+    m.pre_dir.mkdir()
+    hook = m.pre_dir / "10-drain"
+    hook.write_text("#!/bin/sh\necho cannot drain >&2\nexit 4\n")
+    hook.chmod(0o755)
+    m.env = {"UPDATE_AGENT_TEST_HOLD_IN": "failed"}
+    await m.start()
+    await _logged(m, "coordinator_held_for_test", state="failed")
+    m.kill()
+    assert m.coordinator_record()["state"] == "failed" and m.reboots() == 0
+    assert fleet.watch is not None and fleet.watch.holding() == set()  # given back before the kill
+    hook.write_text("#!/bin/sh\necho drained\n")
+    m.env = {}
+    await m.start()
+    await fleet.watch.wait(lambda: fleet.watch.releases(m.machine_id) == 2, within=90)  # type: ignore[union-attr]
+    await poll_until(lambda: m.coordinator_record().get("state") == "idle")
+    assert m.reboots() == 1 and fleet.watch.grants(m.machine_id) == 2  # the failed attempt's, and this one
+    assert m.agent_state().get("current_version") == "2.0.0"
+    await _history_clean(fleet)

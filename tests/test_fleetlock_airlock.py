@@ -13,7 +13,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from fleetlockrig import apply, keys, pre_reboot, running
+from fleetlockrig import apply, changes, keys, pre_reboot, running, snapshot
 from test_fleetlock_protocol import AIRLOCK_EXAMPLE
 
 from locksmith import budget
@@ -34,11 +34,11 @@ async def test_import_airlock_writes_equivalent_policies(etcd_server: EmbeddedEt
                                                          tmp_path: Path) -> None:
     conf = tmp_path / "config.toml"
     conf.write_text(AIRLOCK_EXAMPLE)
-    before = await etcd.revision()
+    before = await snapshot(etcd, prefix)
     dry = ctl(etcd_server, prefix, "fleetlock", "import-airlock", str(conf), "--dry-run", "-o", "json")
     assert dry.returncode == 0, dry.stderr
     assert [g["action"] for g in json.loads(dry.stdout)["groups"]] == ["created"] * 3
-    assert await etcd.revision() == before
+    assert (await changes(etcd, prefix, before)).none
 
     done = ctl(etcd_server, prefix, "fleetlock", "import-airlock", str(conf), "-o", "json")
     assert done.returncode == 0, done.stderr

@@ -249,3 +249,18 @@ async def test_pre_reboot_backs_off_with_jitter_and_a_cap(retry_after: int | Non
     else:
         assert all(240 <= slept <= 360 for slept in clock.sleeps)  # Retry-After, capped at 5 min
     assert s.last_refusal is not None and s.last_refusal.kind == "no_slot"
+
+
+def test_a_bad_url_is_a_config_error_at_start(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from updateagent.config import AgentSettings, ConfigError, FleetLockSettings
+    from updateagent.strategy.fleetlock import build_fleetlock_backend
+
+    base = replace(AgentSettings(), state_dir=tmp_path)
+    for url, words in (("http://", "is not http(s)://host"), (None, "url is required")):
+        with pytest.raises(ConfigError, match=words):
+            build_fleetlock_backend(replace(base, fleetlock=FleetLockSettings(url=url, group=GROUP)))
+    ok = build_fleetlock_backend(replace(base, fleetlock=FleetLockSettings(url="https://fl.example:9090/x",
+                                                                          group=GROUP)))
+    assert (ok.url, ok.group, ok.state_path) == ("https://fl.example:9090/x", GROUP, tmp_path / "fleetlock.json")

@@ -561,7 +561,7 @@ class Agent:
             self._transition(Phase.BOOT_HEALTH_CHECK, resumed=True)
             return
         if status in {p.value for p in (*_APPLYING, Phase.CHECKING_FOR_UPDATE)}:
-            # The slot we were writing stays marked unbootable; the next check starts over.
+            # A slot that was being written stays unbootable (marked before its first write); start over.
             self._event("apply_interrupted", status=status, version=saved.new_version)
             self.state = replace(self.state, new_version="", new_size=0)
         self._enter_idle(first=True)

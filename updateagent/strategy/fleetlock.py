@@ -319,5 +319,11 @@ def build_fleetlock_backend(settings: AgentSettings, *, clock: Clock = SYSTEM_CL
         from updateagent.config import ConfigError
 
         raise ConfigError("[fleetlock] url is required when reboot.strategy = 'fleetlock'")
+    try:
+        FleetLockClient(fl.url, "check", fl.group)  # the URL's shape, checked at start, not at the first reboot
+    except ValueError as exc:
+        from updateagent.config import ConfigError
+
+        raise ConfigError(f"[fleetlock] url: {exc}") from None
     return FleetLockSlot(fl.url, fl.group, state_dir=settings.state_dir, clock=clock)
 
