@@ -10,8 +10,8 @@ it reports READY (over a real NOTIFY_SOCKET, with a watchdog, as under systemd) 
 the script measures over ``--seconds``:
 
 - RSS: VmRSS of the agent at the end (split into anonymous memory and file-backed pages, mostly
-  shared libraries such as gRPC's, which other processes share and the kernel can drop), and
-  VmHWM (its peak);
+  shared libraries such as gRPC's, which other processes share and the kernel can drop under
+  memory pressure), and VmHWM (its peak), against which the 60 MB target is judged;
 - CPU: user + system time of the agent (``/proc/<pid>/stat``) over the wall time, in % of one core;
 - etcd requests per minute, from etcd's own ``/metrics`` deltas over the window: unary RPCs
   (``grpc_server_started_total`` by method), streams opened, and messages received on the
@@ -285,9 +285,11 @@ def main() -> int:
         print(f"{name:<34} {_mb(row['rss']):>9} {_mb(row['anon']):>9} {_mb(row['file']):>9} {peak:>9} "
               f"{row['cpu_pct']:>15.3f}%")
     print()
-    print(f"etcd-lock RSS: {lock['rss'] / bare['rss']:.2f}x the bare interpreter, "
-          f"{lock['rss'] / imports['rss']:.2f}x the import floor, {lock['rss'] / off['rss']:.2f}x strategy off "
-          f"(target <= 60 MB: {'met' if lock['rss'] <= 60e6 else 'NOT met'})")
+    # Judged on the peak: under memory pressure the kernel drops file-backed pages (shared
+    # libraries) and the current RSS shrinks although the process needs them back at once.
+    print(f"etcd-lock peak RSS: {lock['hwm'] / bare['rss']:.2f}x the bare interpreter, "
+          f"{lock['hwm'] / imports['rss']:.2f}x the import floor, {lock['hwm'] / off['hwm']:.2f}x strategy off "
+          f"(target <= 60 MB: {'met' if lock['hwm'] <= 60e6 else 'NOT met'}); anonymous {_mb(lock['anon'])}")
     print(f"etcd-lock CPU: {lock['cpu_pct']:.3f}% of a core (target < 1%: "
           f"{'met' if lock['cpu_pct'] < 1 else 'NOT met'}); strategy off: {off['cpu_pct']:.3f}%")
     print("\netcd requests (etcd's /metrics; stream messages counted one by one), strategy etcd-lock:")

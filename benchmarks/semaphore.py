@@ -32,10 +32,10 @@ next waiter's process, its mirror update, a range read of holders/ and the fsync
 Floor, measured in the same run against the same server: one transaction commit plus one watch
 delivery, the least any hand-off can cost. A "releaser" connection commits a transaction; from
 the moment it returned, the time until a "waiter" connection in another process has received
-the event over its watch and committed a transaction of its own. The table gives hand-off p50 and
-p99 as multiples of the floor's p50 and p99.
+the event over its watch and committed a transaction of its own (500 rounds). The table gives
+hand-off p50 and p99 as multiples of the floor's p50 and p99.
 
-Frozen follower (``--freeze``, on by default): a 3-member cluster (also with fsync), contender
+Frozen follower (on by default, ``--no-freeze`` skips it): a 3-member cluster (also with fsync), contender
 processes from locksmith.soak each given all three endpoints, 10 s of grants, then one follower
 SIGSTOPped for 10 s: grants per second during the freeze against the 10 s before it.
 """
@@ -125,7 +125,7 @@ async def _floor_waiter(endpoint: str, key: str, rounds: int) -> dict[str, Any]:
     return {"done": done}
 
 
-async def _measure_floor(server: EmbeddedEtcd, rounds: int = 200) -> dict[str, float]:
+async def _measure_floor(server: EmbeddedEtcd, rounds: int = 500) -> dict[str, float]:
     endpoint = server.endpoints[0]
     key = f"{PREFIX}floor/release"
     proc = await asyncio.create_subprocess_exec(sys.executable, __file__, "--floor-waiter", endpoint, key,

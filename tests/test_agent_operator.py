@@ -8,6 +8,7 @@ installed ``update-agent`` / ``updatectl`` entry points. Each test failed before
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import os
 import re
@@ -27,6 +28,8 @@ from agentrig import Rig, wait_for_log
 from dbusbus import PrivateBus
 from gptimg import MiB, cgpt_attr, gptprio_bits, sgdisk_verify
 from httpserver import FileServer
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from updateagent.agent import Agent, Phase, StatusSnapshot
 from updateagent.channel import fetch
@@ -443,3 +446,40 @@ def test_the_unsigned_refusal_names_the_config_key(rig: Rig) -> None:
         fetch(rig.server.url("stable/manifest.json"), KeySet.from_paths([rig.keys.public_path]))
     for doc in ("channel.md", "agent.md", "dbus.md", "install.md"):
         assert "insecure_allow_unsigned" not in (ROOT / "docs" / doc).read_text(), doc
+
+
+# ------------------------------------------------------------------------ gzip members across any chunking
+
+
+class _Chunks:
+    """A payload source that hands out the bytes in the given chunk sizes (the network decides them)."""
+
+    def __init__(self, data: bytes, sizes: list[int]) -> None:
+        self._data, self._sizes, self._pos, self._i = data, sizes, 0, 0
+
+    def read(self, n: int = -1, /) -> bytes:
+        step = self._sizes[self._i % len(self._sizes)]
+        self._i += 1
+        out = self._data[self._pos:self._pos + min(n, step)]
+        self._pos += len(out)
+        return out
+
+
+_POOL = [bytes([i]) * 512 + os.urandom(512) for i in range(8)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(members=st.lists(st.lists(st.integers(0, 7), max_size=300), min_size=1, max_size=4),
+       sizes=st.lists(st.integers(1, 300_000), min_size=1, max_size=8))
+def test_multi_member_gzip_decompresses_whatever_the_chunking(members: list[list[int]], sizes: list[int]) -> None:
+    """The installer reads the payload as the connection delivers it (read1): a member that ended
+    in a call cut short by the output limit used to have its successor's first bytes fed twice."""
+    from updateagent import install as installer
+
+    parts = [b"".join(_POOL[i] for i in member) for member in members]
+    payload = b"".join(gzip.compress(p, compresslevel=1) for p in parts)
+    reader = installer._GzipReader(_Chunks(payload, sizes))
+    out = bytearray()
+    while chunk := reader.read(installer.CHUNK_SIZE):
+        out += chunk
+    assert bytes(out) == b"".join(parts)

@@ -258,9 +258,23 @@ def test_a_bad_url_is_a_config_error_at_start(tmp_path: Path) -> None:
     from updateagent.strategy.fleetlock import build_fleetlock_backend
 
     base = replace(AgentSettings(), state_dir=tmp_path)
-    for url, words in (("http://", "is not http(s)://host"), (None, "url is required")):
+    for url, words in (("http://", r"is not http\(s\)://host"), (None, "url is required")):
         with pytest.raises(ConfigError, match=words):
             build_fleetlock_backend(replace(base, fleetlock=FleetLockSettings(url=url, group=GROUP)))
     ok = build_fleetlock_backend(replace(base, fleetlock=FleetLockSettings(url="https://fl.example:9090/x",
                                                                           group=GROUP)))
     assert (ok.url, ok.group, ok.state_path) == ("https://fl.example:9090/x", GROUP, tmp_path / "fleetlock.json")
+
+
+async def test_a_token_in_the_url_reaches_a_server_that_wants_one(etcd: Etcd, etcd_config: EtcdConfig,
+                                                                  prefix: str, tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    await apply(etcd, prefix, GROUP)
+    async with running(etcd_config, prefix, token_file=str(token)) as srv:
+        with_token = srv.urls[0].replace("http://", "http://fleetlock:s3cret@")
+        await FleetLockClient(with_token, "node-a", GROUP).pre_reboot()
+        with pytest.raises(FleetLockRefused) as err:
+            await FleetLockClient(srv.urls[0], "node-b", GROUP).pre_reboot()
+        assert (err.value.status, err.value.kind) == (401, "unauthorized")
+    assert "holders/node-a" in await keys(etcd, prefix, GROUP)

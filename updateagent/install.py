@@ -437,11 +437,15 @@ class _GzipReader:
                     out = self._d.decompress(self._pending, n)
                 except zlib.error as exc:
                     raise PayloadError(f"payload is not valid gzip: {exc}") from exc
-                self._pending = self._d.unconsumed_tail
                 if self._d.eof:
-                    self._pending = self._d.unused_data + self._pending
+                    # The next member starts in unused_data. unconsumed_tail may still hold those
+                    # same bytes (when the member ended in a call cut short by the output limit):
+                    # adding it too fed them twice ("invalid block type", "incorrect data check").
+                    self._pending = self._d.unused_data
                     self._d = zlib.decompressobj(wbits=31)
                     self._started = False
+                else:
+                    self._pending = self._d.unconsumed_tail
                 if out:
                     return out
                 continue
