@@ -1,10 +1,11 @@
 """What an idle update-agent costs: memory, CPU, and etcd requests, in the etcd-lock strategy.
 
-    .venv/bin/python benchmarks/agent_idle.py [--seconds 60] [--json]
+    .venv/bin/python benchmarks/agent_idle.py [--seconds 60] [--json] [--from-tree]
 
 One ``update-agent`` process (the daemon, as systemd runs it: D-Bus served on a private
 dbus-daemon, metrics endpoint on) runs an emulated machine (a GPT image and the emulated
-bootloader) with ``[reboot] strategy = "etcd-lock"`` against a single-member EmbeddedEtcd. It
+bootloader) with ``[reboot] strategy = "etcd-lock"`` against a single-member EmbeddedEtcd, and a
+release signing key configured, as in production. It
 has booted, found nothing to do, and waits: no update pending, next check 45 minutes away. After
 it reports READY (over a real NOTIFY_SOCKET, with a watchdog, as under systemd) and a warm-up,
 the script measures over ``--seconds``:
@@ -28,7 +29,19 @@ Baselines, measured in the same run and printed as ratios:
 A third agent shows the other quiet state of etcd-lock, ``queued``: ``/run/reboot-required`` (a
 temp path) asks for a reboot while another holder (taken by this script, no lease) has the
 group's only slot, so the agent waits in the queue for the whole window: its watch and its
-lease's keep-alives are what etcd should see, nothing else.
+lease's keep-alives are what etcd should see, nothing else. A fourth, ``policy``, is the idle
+etcd-lock agent of a group that has a policy stored (``locksmithctl policy apply``): reading it
+validates it, which loads jsonschema.
+
+The agent runs from a copy of ``locksmith`` and ``updateagent`` compiled to bytecode, as an
+install has them (pip compiles at install time). This tree runs with PYTHONDONTWRITEBYTECODE, so
+from the tree every process compiles each edited module again, and the compiler's memory shows
+in the peak (about 2 MB); ``--from-tree`` measures that way anyway.
+
+The floor breakdown imports the agent's dependencies one after the other in one interpreter and
+prints the RSS each adds, then the modules the agent imports only on the paths an idle agent does
+not take (downloading, verifying a signature, validating a policy), and checks that the agent's
+own imports did not load them.
 """
 
 from __future__ import annotations
@@ -38,6 +51,7 @@ import asyncio
 import json
 import os
 import select
+import shutil
 import socket
 import subprocess
 import sys
@@ -55,8 +69,11 @@ from gptimg import MiB, make_disk  # noqa: E402
 
 from locksmith.embedded import EmbeddedEtcd  # noqa: E402
 from locksmith.etcd import Etcd, EtcdConfig  # noqa: E402
+from locksmith.policy import parse_policy_text  # noqa: E402
+from locksmith.policystore import apply_policy  # noqa: E402
 from locksmith.semaphore import Semaphore, read_state  # noqa: E402
 from updateagent.bootloader import EmulatedBootloader  # noqa: E402
+from updateagent.release import keygen  # noqa: E402
 
 AGENT = str(Path(sys.executable).parent / "update-agent")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -94,13 +111,24 @@ def _rpc_counts(metrics: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def _idle_sleeper(code: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-c", f"{code}\nimport time\ntime.sleep(3600)"],
-                            stdin=subprocess.DEVNULL)
+def _installed_copy(work: Path) -> dict[str, str]:
+    """The environment that runs the agent from ``locksmith`` and ``updateagent`` copied out of
+    the tree and compiled, as installed (PYTHONPATH comes before the editable install's finder)."""
+    site = work / "site"
+    for package in ("locksmith", "updateagent"):
+        shutil.copytree(REPO / package, site / package, ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(site)], check=True, stdout=subprocess.DEVNULL)
+    return {**os.environ, "PYTHONPATH": str(site)}
 
 
-def _measure_sleeper(code: str, settle: float) -> dict[str, float]:
-    proc = _idle_sleeper(code)
+def _idle_sleeper(code: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    # -P: not the current directory (this tree, perhaps) first on sys.path, but PYTHONPATH.
+    return subprocess.Popen([sys.executable, "-P", "-c", f"{code}\nimport time\ntime.sleep(3600)"],
+                            stdin=subprocess.DEVNULL, env=env)
+
+
+def _measure_sleeper(code: str, settle: float, env: dict[str, str]) -> dict[str, float]:
+    proc = _idle_sleeper(code, env)
     try:
         # An import-only process is ready once its RSS stops growing.
         last, deadline = -1, time.monotonic() + 60
@@ -121,7 +149,50 @@ def _measure_sleeper(code: str, settle: float) -> dict[str, float]:
         proc.wait()
 
 
+# What an idle agent imports, in steps (the stdlib's asyncio and ssl first: any asyncio daemon
+# has them), and what it must not import until it needs it.
+FLOOR_STEPS = (
+    ("asyncio + ssl (stdlib)", "import asyncio, ssl"),
+    ("structlog", "import structlog"),
+    ("click", "import click"),
+    ("prometheus_client", "import prometheus_client"),
+    ("dbus_fast", "import dbus_fast.aio, dbus_fast.service"),
+    ("apscheduler (triggers)", "import apscheduler.triggers.cron, apscheduler.triggers.interval"),
+    ("grpc", "import grpc.aio"),
+    ("etcd3aio", "import etcd3aio"),
+    ("locksmith + updateagent", "import updateagent.daemon, updateagent.dbus, updateagent.strategy.etcd_lock, "
+                                "locksmith.reader"),
+)
+LAZY_STEPS = (
+    ("requests + urllib3 (download)", "import requests"),
+    ("zstandard (install)", "import zstandard"),
+    ("cryptography (verify)", "import cryptography.hazmat.primitives.asymmetric.ed25519"),
+    ("jsonschema (stored policy)", "import jsonschema"),
+)
+LAZY_MODULES = ("requests", "urllib3", "zstandard", "cryptography", "jsonschema")
+
+_FLOOR_PROBE = """
+import json, sys
+def rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+print(json.dumps(["python", rss(), []]), flush=True)
+for name, code in json.loads(sys.argv[1]):
+    exec(code)
+    lazy = sorted({m.split(".")[0] for m in sys.modules} & set(json.loads(sys.argv[2])))
+    print(json.dumps([name, rss(), lazy]), flush=True)
+"""
+
+
+def _floor(env: dict[str, str]) -> list[tuple[str, float, list[str]]]:
+    out = subprocess.run([sys.executable, "-P", "-c", _FLOOR_PROBE, json.dumps(FLOOR_STEPS + LAZY_STEPS),
+                          json.dumps(LAZY_MODULES)], env=env, check=True, capture_output=True, text=True).stdout
+    return [(name, float(rss), lazy) for name, rss, lazy in map(json.loads, out.splitlines())]
+
+
 GROUP = "bench"
+POLICY_GROUP = "bench-policy"
 BLOCKER = "blocker"
 
 
@@ -155,11 +226,14 @@ async def _queued(etcd: EmbeddedEtcd) -> None:
 def _config(work: Path, name: str, strategy: str, etcd: EmbeddedEtcd, bus: PrivateBus, disk: Path,
             record: Path) -> Path:
     config = work / f"config-{name}.toml"
+    key = work / "keys" / "release.pub"
+    if not key.exists():
+        keygen(work / "keys")
     config.write_text(f"""
 [channel]
-# Never fetched within the measurement (next check 45 minutes away); unsigned is fine for that.
+# Never fetched within the measurement (next check 45 minutes away).
 server = "http://127.0.0.1:9/channels"
-insecure = true
+keys = ["{key}"]
 
 [disk]
 path = "{disk}"
@@ -185,7 +259,7 @@ reboot_required_file = "{work / ('reboot-required-' + name)}"
 
 [locksmith]
 endpoints = {json.dumps(list(etcd.endpoints))}
-group = "{GROUP}"
+group = "{POLICY_GROUP if name == 'policy' else GROUP}"
 
 [metrics]
 listen = "127.0.0.1:0"
@@ -193,8 +267,18 @@ listen = "127.0.0.1:0"
     return config
 
 
+async def _store_policy(etcd: EmbeddedEtcd) -> None:
+    client = await Etcd.connect(EtcdConfig(endpoints=etcd.endpoints))
+    try:
+        policy = parse_policy_text(f'format_version = 1\ngroup = "{POLICY_GROUP}"\nslots = 2\n'
+                                   'windows = [{ days = "Sat", start = "02:00", length = "3h" }]\n')
+        await apply_policy(client, policy, reason="benchmark")
+    finally:
+        await client.close()
+
+
 def _measure_agent(work: Path, name: str, strategy: str, etcd: EmbeddedEtcd, seconds: float,
-                   warmup: float) -> dict[str, Any]:
+                   warmup: float, base_env: dict[str, str]) -> dict[str, Any]:
     disk = make_disk(work / f"disk-{name}.img", slot_size=8 * MiB).path
     record = work / f"boot-{name}.json"
     EmulatedBootloader(disk, record).boot()
@@ -205,10 +289,12 @@ def _measure_agent(work: Path, name: str, strategy: str, etcd: EmbeddedEtcd, sec
     if queued:
         (work / f"reboot-required-{name}").touch()
         asyncio.run(_blocker(etcd, take=True))
+    if name == "policy":
+        asyncio.run(_store_policy(etcd))
     with PrivateBus(work / f"bus-{name}") as bus:
         config = _config(work, name, strategy, etcd, bus, disk, record)
         log = (work / f"agent-{name}.log").open("wb")
-        env = {**os.environ, "NOTIFY_SOCKET": str(notify), "WATCHDOG_USEC": str(120 * 1_000_000)}
+        env = {**base_env, "NOTIFY_SOCKET": str(notify), "WATCHDOG_USEC": str(120 * 1_000_000)}
         rpc_start = _rpc_counts(etcd.metrics())
         proc = subprocess.Popen([AGENT, "--config", str(config), "--update-conf", "/nonexistent",
                                  "--log-level", "WARNING"], stdout=log, stderr=log, env=env,
@@ -260,27 +346,32 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=60.0, help="measurement window per agent (default 60)")
     parser.add_argument("--warmup", type=float, default=10.0, help="after READY, before measuring (default 10)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--from-tree", action="store_true",
+                        help="run the agent from this tree (compiling edited modules on import), not a compiled copy")
     args = parser.parse_args()
 
     results: dict[str, Any] = {}
-    results["python"] = _measure_sleeper("pass", 0.5)
-    results["imports"] = _measure_sleeper("import updateagent.daemon, updateagent.strategy.etcd_lock", 0.5)
     with tempfile.TemporaryDirectory(prefix="agent-idle-") as tmp, EmbeddedEtcd() as etcd:
         work = Path(tmp)
-        results["off"] = _measure_agent(work, "off", "off", etcd, args.seconds, args.warmup)
-        results["etcd-lock"] = _measure_agent(work, "etcd-lock", "etcd-lock", etcd, args.seconds, args.warmup)
-        results["queued"] = _measure_agent(work, "queued", "etcd-lock", etcd, args.seconds, args.warmup)
+        env = dict(os.environ) if args.from_tree else _installed_copy(work)
+        results["floor"] = _floor(env)
+        results["python"] = _measure_sleeper("pass", 0.5, env)
+        results["imports"] = _measure_sleeper("import updateagent.daemon, updateagent.strategy.etcd_lock", 0.5, env)
+        for name, strategy in (("off", "off"), ("etcd-lock", "etcd-lock"), ("queued", "etcd-lock"),
+                               ("policy", "etcd-lock")):
+            results[name] = _measure_agent(work, name, strategy, etcd, args.seconds, args.warmup, env)
 
     if args.json:
         print(json.dumps(results, indent=2, sort_keys=True))
         return 0
     lock, off, imports, bare = results["etcd-lock"], results["off"], results["imports"], results["python"]
-    queued = results["queued"]
-    print(f"idle update-agent, {lock['seconds']:.0f} s measured after a {args.warmup:.0f} s warm-up\n")
+    queued, policy = results["queued"], results["policy"]
+    where = "this tree (compiled on import)" if args.from_tree else "a compiled copy of this tree"
+    print(f"idle update-agent from {where}, {lock['seconds']:.0f} s measured after a {args.warmup:.0f} s warm-up\n")
     print(f"{'process':<34} {'RSS':>9} {'anon':>9} {'file':>9} {'peak RSS':>9} {'CPU % of a core':>16}")
     for name, row in (("python -c (bare interpreter)", bare), ("python + agent imports", imports),
                       ("update-agent, strategy off", off), ("update-agent, strategy etcd-lock", lock),
-                      ("etcd-lock, queued for a slot", queued)):
+                      ("etcd-lock, queued for a slot", queued), ("etcd-lock, group has a policy", policy)):
         peak = _mb(row["hwm"]) if "hwm" in row else "-"
         print(f"{name:<34} {_mb(row['rss']):>9} {_mb(row['anon']):>9} {_mb(row['file']):>9} {peak:>9} "
               f"{row['cpu_pct']:>15.3f}%")
@@ -301,6 +392,14 @@ def main() -> int:
     print(f"  queued agent: RSS {_mb(queued['rss'])}, CPU {queued['cpu_pct']:.3f}% of a core")
     if off["etcd_per_minute"] or off["etcd_startup"]:
         print("strategy off (should be none):", off["etcd_startup"], off["etcd_per_minute"])
+    print("\nfloor: RSS after each import, in one interpreter (VmRSS; the last rows are imported only "
+          "when needed)")
+    last = 0.0
+    for name, rss, lazy in results["floor"]:
+        print(f"  {name:<34} {_mb(rss):>9} {'+' + _mb(rss - last) if last else '':>10}")
+        last = rss
+        if name == FLOOR_STEPS[-1][0]:
+            print(f"  {'(the agent has loaded ' + (', '.join(lazy) or 'none of ' + ', '.join(LAZY_MODULES)) + ')'}")
     return 0
 
 

@@ -26,6 +26,7 @@ import urllib.request
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from locksmith.errors import LocksmithError
 from locksmith.etcd import EtcdConfig
@@ -118,6 +119,16 @@ def _die_with_parent() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def _popen_dying_with_parent(args: list[str], **kw: Any) -> subprocess.Popen[bytes]:
+    """Popen whose child gets SIGKILL when its parent dies. Through util-linux's ``setpriv`` when
+    there is one: a ``preexec_fn`` runs Python in the forked child, which is unsafe with threads
+    running (gRPC's): the child can crash before it execs (seen as a member that never starts)."""
+    setpriv = shutil.which("setpriv")
+    if setpriv:
+        return subprocess.Popen([setpriv, "--pdeathsig", "KILL", "--", *args], **kw)
+    return subprocess.Popen(args, preexec_fn=_die_with_parent, **kw)
+
+
 @dataclass
 class Member:
     name: str
@@ -158,9 +169,8 @@ class Member:
         self.log_path = self.data_dir.with_suffix(".log")
         log = open(self.log_path, "ab")
         try:
-            self.proc = subprocess.Popen(
+            self.proc = _popen_dying_with_parent(
                 self.args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                preexec_fn=_die_with_parent,
             )
         finally:
             log.close()

@@ -26,9 +26,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
 from functools import cache
 from importlib import resources
-from typing import Any
-
-import jsonschema
+from typing import TYPE_CHECKING, Any
 
 from locksmith.errors import CorruptValueError, InvalidArgumentError, LocksmithError
 from locksmith.files import InputFileError, read_bytes
@@ -43,6 +41,9 @@ from locksmith.windows import (
     parse_windows,
     resolve_time_zone,
 )
+
+if TYPE_CHECKING:
+    import jsonschema
 
 __all__ = [
     "DURATION_FIELDS",
@@ -474,6 +475,10 @@ def _is_int(_checker: Any, instance: Any) -> bool:
 
 @cache
 def _validator() -> jsonschema.protocols.Validator:
+    # Imported on the first validation (~4 MiB resident): an agent whose group has no stored
+    # policy, or that does not coordinate through etcd, never validates one.
+    import jsonschema
+
     schema = load_schema()
     base = jsonschema.Draft202012Validator
     base.check_schema(schema)

@@ -408,6 +408,7 @@ class _Mirror:
         self.closed = False
         self.check_every = check_every
         self._local: dict[str, list[asyncio.Event]] = {}
+        self._moved = asyncio.Event()  # set, and replaced, whenever the view moves on (followers)
         self._task: asyncio.Task[None] | None = None
         self._checker: asyncio.Task[None] | None = None
         self._last_event = 0.0  # loop time of the last applied batch (or check)
@@ -426,6 +427,7 @@ class _Mirror:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self._wake_all()
+        self._advanced()
 
     def current(self) -> _View:
         if self.closed:
@@ -453,6 +455,18 @@ class _Mirror:
     def _wake_all(self) -> None:
         self._wake(list(self._local))
 
+    def _advanced(self) -> None:
+        """The view moved on (events applied, a fresh read taken) or the mirror closed."""
+        moved, self._moved = self._moved, asyncio.Event()
+        moved.set()
+
+    async def changed(self, since: int) -> int:
+        while self.view.revision <= since and not self.closed:
+            await self._moved.wait()
+        if self.closed:
+            raise LocksmithError(f"semaphore for group {self.layout.group!r} was closed")
+        return self.view.revision
+
     async def _run(self) -> None:
         backoff = 0.1
         resync = False
@@ -461,6 +475,7 @@ class _Mirror:
                 if resync:
                     self.view = await _read(self.etcd, self.layout)
                     self._wake_all()
+                    self._advanced()
                     resync = False
                 async for batch in self.etcd.watch_prefix(self.layout.base, start_revision=self.view.revision + 1):
                     if batch.events:
@@ -511,6 +526,7 @@ class _Mirror:
                 # The watch goes on from where it was; _apply skips what this read already holds.
                 self.view = fresh
                 self._wake_all()
+                self._advanced()
 
     def _apply(self, events: list[Event]) -> None:
         view = self.view
@@ -524,6 +540,8 @@ class _Mirror:
             if holder_id:
                 touched.append(holder_id)
             view.revision = max(view.revision, ev.kv.mod_revision)
+        if view.revision > seen:
+            self._advanced()
         if view.corrupt:
             self._wake_all()
             return
@@ -764,6 +782,28 @@ class Semaphore:
 
     async def state(self) -> SemaphoreState:
         return await read_state(self.etcd, self.group, prefix=self.layout.prefix)
+
+    async def follow(self) -> None:
+        """Follow the group without queueing: start this object's watch-driven mirror (one range
+        read, then one watch: the one ``lock()`` uses too), which :meth:`snapshot` and
+        :meth:`changed` read. Raises if etcd cannot be read."""
+        await self._ensure_mirror()
+
+    def snapshot(self) -> SemaphoreState | None:
+        """The group as the mirror has it, exact as of its ``revision`` (the last event the watch
+        delivered), without an etcd call. None before :meth:`follow` or ``lock()`` started the
+        mirror, and after ``close()``. Raises CorruptValueError while a value is corrupt."""
+        mirror = self._mirror
+        if mirror is None or mirror.closed:
+            return None
+        return mirror.view.state()
+
+    async def changed(self, since: int) -> int:
+        """Wait until the mirror has moved past revision ``since`` (a snapshot's ``revision``, or
+        what the last call returned) and return its revision: at once if it already has, so no
+        change between a snapshot and this call is missed. Starts following if needed; raises
+        LocksmithError once the Semaphore is closed."""
+        return await (await self._ensure_mirror()).changed(since)
 
     async def close(self) -> None:
         """Stop the mirror, leave every queue this object joined (revoking its lease) and finish

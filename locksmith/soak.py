@@ -33,10 +33,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from locksmith import history
 from locksmith.embedded import EmbeddedEtcd
 from locksmith.errors import LocksmithError
 from locksmith.etcd import Etcd, EtcdConfig
 from locksmith.log import configure, get_logger
+from locksmith.policystore import pause, resume
+from locksmith.semaphore import Semaphore
 
 _log = get_logger(__name__)
 
@@ -79,8 +82,6 @@ async def _contender(sem: Any, group: str, cid: str, hold: float, think: float, 
 
 
 async def _contender_main(args: argparse.Namespace) -> None:
-    from locksmith.semaphore import Semaphore
-
     etcd = await Etcd.connect(EtcdConfig(endpoints=tuple(args.endpoints.split(","))))
     sems: dict[str, Semaphore] = {}
     tasks = []
@@ -301,7 +302,13 @@ class Faults:
         _log.info("fault_start", fault=name, duration=duration)
         await inject()
         await asyncio.sleep(duration)
-        await restore()
+        for attempt in range(10):  # a group left paused would look like stuck waiters
+            try:
+                await restore()
+                break
+            except LocksmithError as exc:
+                self.anomalies.append(f"restoring {name} failed (attempt {attempt + 1}): {str(exc)[:300]}")
+                await asyncio.sleep(1)
         await self.repair()
         self.injected.append((name, start, time.monotonic()))
         _log.info("fault_end", fault=name)
@@ -365,8 +372,6 @@ class Faults:
         await self.run("compact-defrag", inject, nothing, duration)
 
     async def set_max_down_up(self, groups: list[str], maxes: dict[str, int], duration: float) -> None:
-        from locksmith.semaphore import Semaphore
-
         async def set_all(delta: int) -> None:
             for g in groups:
                 async with Semaphore(self.etcd, g, prefix=self.prefix) as sem:
@@ -375,8 +380,6 @@ class Faults:
         await self.run("set-max-down-up", lambda: set_all(-1), lambda: set_all(0), duration)
 
     async def pause_resume(self, groups: list[str], duration: float) -> None:
-        from locksmith.policystore import pause, resume
-
         async def inject() -> None:
             for g in groups:
                 await pause(self.etcd, g, "soak", prefix=self.prefix)
@@ -399,18 +402,15 @@ class History:
         self.config = config
         self.groups = groups
         self.prefix = prefix
-        self._impl: Any = None
+        self._impl: history.Recording | None = None
 
     async def start(self, start_revision: int) -> None:
-        from locksmith import history
-
         self._impl = await history.start_recording(self.config, self.groups, prefix=self.prefix,
                                                    start_revision=start_revision)
 
     async def check(self, reported: list[tuple[str, str, int]]) -> list[str]:
         """Every violation, as ``<group> r<revision> <kind>: <description>``."""
-        from locksmith import history
-
+        assert self._impl is not None, "History.check() before start()"
         return [str(v) for v in await history.stop_and_check(self._impl, reported)]
 
 
@@ -475,8 +475,6 @@ async def run_soak(duration: float, *, processes: int = 4, per_process: int = 5,
         + ", ".join(f"{g} (max {m})" for g, m in maxes.items()) + f", quiet tail {tail:.0f}s")
     with EmbeddedEtcd(members=3) as cluster:
         etcd = await Etcd.connect(cluster.config())
-        from locksmith.semaphore import Semaphore
-
         start_rev = 0
         for g in names:
             async with Semaphore(etcd, g, prefix=PREFIX) as sem:

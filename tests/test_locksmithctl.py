@@ -1,10 +1,9 @@
 """locksmithctl lock/unlock/set-max/status, run as the installed CLI against the session's etcd;
-the machine id lookup; the contention demo."""
+the machine id lookup. (The demo is tested in test_simulate.py.)"""
 
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import os
 import signal
@@ -20,7 +19,6 @@ from hypothesis import HealthCheck, given, settings, strategies
 
 from locksmith.cli import main as locksmithctl
 from locksmith.cli.status import render_status
-from locksmith.demo import run_demo
 from locksmith.etcd import Etcd, EtcdConfig
 from locksmith.keys import Layout
 from locksmith.machineid import MachineIdError, machine_id
@@ -355,36 +353,6 @@ def test_machine_id_missing_everywhere_names_each_path(tmp_path: Path) -> None:
         machine_id([etc, dbus])
     msg = str(exc.value)
     assert f"{etc}: missing" in msg and f"{dbus}: not 32 hex digits" in msg
-
-
-# -- demo ----------------------------------------------------------------------------------------------
-
-
-async def test_demo_contention_respects_max(etcd_config: EtcdConfig, prefix: str) -> None:
-    out = io.StringIO()
-    result = await run_demo(etcd_config, nodes=6, slots=2, hold=(0.6, 0.9), prefix=prefix, out=out, tty=False,
-                            seed=7)
-    assert result.ok, result
-    assert result.cycles == 6
-    # Holds outlast the start spread, so both slots were busy at once; never more than 2.
-    assert result.max_concurrent == 2
-    text = out.getvalue()
-    for i in range(1, 7):
-        assert f"+ node-0{i} locked" in text and f"- node-0{i} released" in text
-    assert "Available: " in text and "MACHINE ID" in text
-    assert "\x1b[" not in text  # no terminal control codes on a pipe
-
-
-def test_demo_module_runs_and_exits_0() -> None:
-    p = subprocess.run(
-        [sys.executable, "-m", "locksmith.demo", "--nodes", "4", "--slots", "2", "--hold-min", "0.3",
-         "--hold-max", "0.5", "--seed", "1"],
-        capture_output=True, text=True, env=_env(), timeout=60,
-    )
-    assert p.returncode == 0, p.stderr
-    last = p.stdout.strip().splitlines()[-1]
-    assert last.startswith("OK: 4 lock/unlock cycles by 4 nodes through 2 slots")
-    assert "max concurrent holders observed: 2 (limit 2)" in last
 
 
 @settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None)

@@ -177,3 +177,21 @@ def test_a_broken_semaphore_compare_makes_the_command_exit_non_zero(monkeypatch:
     assert "SAFETY VIOLATED" in res.stdout
     assert "holders in group sim" in res.stdout  # the live watcher
     assert "semaphore:too_many_holders in group sim" in res.stdout  # locksmith.history's replay of etcd
+
+
+def test_demo_module_runs_both_acts_and_exits_0(tmp_path: object) -> None:
+    """``make demo`` (``python -m locksmith.demo``), on a smaller fleet: a good rollout that writes
+    the chart, then a bad release that pauses its group within failure_budget + slots."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    chart = Path(str(tmp_path)) / "rollout.png"
+    p = subprocess.run([sys.executable, "-m", "locksmith.demo", "--hosts", "12", "--chart", str(chart)],
+                       capture_output=True, text=True, timeout=200)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "good release: complete" in p.stdout
+    assert "bad release: group web paused itself at" in p.stdout
+    assert p.stdout.rstrip().endswith("demo: OK")
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "hosts done" in p.stderr  # the progress bar

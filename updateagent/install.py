@@ -1,10 +1,12 @@
 """Apply a release: one streaming pipeline from the HTTP payload into the inactive slot's byte range.
 
 download (worker thread, bounded queue) -> decompress (zlib / zstd streaming, bounded output)
--> sha256 of the uncompressed image -> ``os.pwrite`` inside ``[offset, offset + size)`` -> fsync.
+-> ``os.pwrite`` inside ``[offset, offset + size)`` -> fsync, with the sha256 of the uncompressed
+image computed beside it in a thread of its own.
 
 Memory stays flat whatever the image size: at most ``QUEUE_DEPTH`` compressed chunks are in
-flight, every decompressor call produces at most ``CHUNK_SIZE`` bytes, and zstd frames needing a
+flight and ``HASH_QUEUE_DEPTH`` decompressed ones wait for the hash, every decompressor call
+produces at most ``CHUNK_SIZE`` bytes, and zstd frames needing a
 window above ``MAX_ZSTD_WINDOW`` are refused. A dropped connection resumes with an HTTP Range
 request, and a connection that delivers less than ``stall_bytes`` in ``stall_seconds`` counts as
 broken. The installer never touches partition tables and never writes outside its range; it calls

@@ -20,14 +20,16 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from typing import TYPE_CHECKING
 
 from locksmith.files import InputFileError, read_bytes
 from locksmith.log import get_logger
 from updateagent.errors import SignatureError
+
+# cryptography (~6 MiB resident) is imported where a key is made, parsed from PEM, or used: an
+# agent loads its raw public keys at start but verifies only when a release is offered.
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 _log = get_logger(__name__)
 
@@ -37,10 +39,16 @@ _MAX_SIG_FILE = 16 * 1024
 
 def key_id(public_key: Ed25519PublicKey) -> str:
     """Short stable name of a public key: the first 8 bytes of sha256(raw key), in hex."""
-    return hashlib.sha256(_raw_public(public_key)).hexdigest()[:16]
+    return _raw_key_id(_raw_public(public_key))
+
+
+def _raw_key_id(raw: bytes) -> str:
+    return hashlib.sha256(raw).hexdigest()[:16]
 
 
 def _raw_public(public_key: Ed25519PublicKey) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
     return public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
@@ -51,6 +59,8 @@ def encode_public_key(public_key: Ed25519PublicKey) -> str:
 
 def encode_private_key(private_key: Ed25519PrivateKey) -> bytes:
     """The ``.key`` file content: unencrypted PKCS#8 PEM."""
+    from cryptography.hazmat.primitives import serialization
+
     return private_key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
@@ -65,6 +75,8 @@ class KeyFiles:
 
 def generate_keypair(out_dir: str | os.PathLike[str], name: str = "release") -> KeyFiles:
     """Create ``<name>.key`` (0600) and ``<name>.pub`` in ``out_dir``; refuse to overwrite."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     priv_path, pub_path = out / f"{name}.key", out / f"{name}.pub"
@@ -101,6 +113,9 @@ def _b64_exact(text: str, length: int, where: str, what: str) -> bytes:
 
 def parse_public_key(data: bytes, where: str = "<public key>") -> Ed25519PublicKey:
     """Parse a public key in either accepted encoding (raw base64 or PEM)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     text = data.decode("ascii", errors="replace").strip()
     if text.startswith("-----BEGIN"):
         try:
@@ -111,6 +126,15 @@ def parse_public_key(data: bytes, where: str = "<public key>") -> Ed25519PublicK
             raise SignatureError(f"{where}: PEM public key is {type(key).__name__}, not Ed25519")
         return key
     return Ed25519PublicKey.from_public_bytes(_b64_exact(text, 32, where, "public key"))
+
+
+def _parse_public_raw(data: bytes, where: str) -> bytes:
+    """The raw 32 bytes of a public key, as :func:`parse_public_key` accepts it. The raw base64
+    form needs no cryptography: Ed25519 takes any 32 bytes as a public key."""
+    text = data.decode("ascii", errors="replace").strip()
+    if text.startswith("-----BEGIN"):
+        return _raw_public(parse_public_key(data, where))
+    return _b64_exact(text, 32, where, "public key")
 
 
 def load_public_key(path: str | os.PathLike[str]) -> Ed25519PublicKey:
@@ -124,6 +148,9 @@ def load_private_key(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
     Only PEM: a raw base64 seed would look exactly like a public key file, and signing with a
     ``.pub`` by mistake must fail rather than publish under an unknown key.
     """
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     p = Path(path)
     data = _read_small(p, "private key")
     if not data.lstrip().startswith(b"-----BEGIN"):
@@ -143,29 +170,36 @@ def sign(private_key: Ed25519PrivateKey, data: bytes) -> bytes:
 
 
 class KeySet:
-    """The public keys an agent trusts. Empty key sets trust nothing."""
+    """The public keys an agent trusts. Empty key sets trust nothing.
+
+    Held as raw 32-byte keys, by key id: the key objects are made when a signature is verified.
+    """
 
     def __init__(self, keys: Iterable[Ed25519PublicKey] = ()) -> None:
-        self._keys: dict[str, Ed25519PublicKey] = {}
+        self._keys: dict[str, bytes] = {}
         for k in keys:
-            self._keys[key_id(k)] = k
+            self._add(_raw_public(k))
+
+    def _add(self, raw: bytes) -> None:
+        self._keys[_raw_key_id(raw)] = raw
 
     @classmethod
     def from_paths(cls, paths: Iterable[str | os.PathLike[str]]) -> KeySet:
         """Load keys from files and directories (a directory contributes every ``*.pub`` in it)."""
-        keys: list[Ed25519PublicKey] = []
+        key_set = cls()
         for path in paths:
             p = Path(path)
             if p.is_dir():
                 found = sorted(p.glob("*.pub"))
                 if not found:
                     raise SignatureError(f"{p}: key directory holds no *.pub file")
-                keys.extend(load_public_key(f) for f in found)
             elif p.exists():
-                keys.append(load_public_key(p))
+                found = [p]
             else:
                 raise SignatureError(f"{p}: no such key file or directory")
-        return cls(keys)
+            for f in found:
+                key_set._add(_parse_public_raw(_read_small(f, "public key"), str(f)))
+        return key_set
 
     @property
     def key_ids(self) -> list[str]:
@@ -176,6 +210,9 @@ class KeySet:
 
     def verify(self, data: bytes, signature_file: bytes, where: str = "manifest.json.sig") -> str:
         """Return the id of the trusted key that signed ``data``; raise SignatureError otherwise."""
+        from cryptography.exceptions import InvalidSignature
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
         if not self._keys:
             raise SignatureError(f"{where}: no trusted keys configured; cannot verify")
         if len(signature_file) > _MAX_SIG_FILE:
@@ -190,9 +227,9 @@ class KeySet:
             raise SignatureError(f"{where}: signature file is empty")
         for n, line in enumerate(lines, 1):
             sig = _b64_exact(line, 64, f"{where} line {n}", "signature")
-            for kid, key in self._keys.items():
+            for kid, raw in self._keys.items():
                 try:
-                    key.verify(sig, data)
+                    Ed25519PublicKey.from_public_bytes(raw).verify(sig, data)
                 except InvalidSignature:
                     continue
                 return kid

@@ -25,7 +25,7 @@ from locksmith import audit
 from locksmith.budget import count_failures, report_failure
 from locksmith.clock import SYSTEM_CLOCK, Clock
 from locksmith.errors import CorruptValueError
-from locksmith.etcd import Compare, Delete, Etcd, Target
+from locksmith.etcd import Etcd
 from locksmith.log import get_logger
 from locksmith.reader import PolicyReader
 from locksmith.semaphore import Holder, Semaphore, SemaphoreState
@@ -57,6 +57,7 @@ class EtcdSlot:
         self._released_overdue: set[int] = set()
         self._reported_overdue: set[int] = set()
         self._acquiring = False
+        self._seen = 0  # the semaphore mirror's revision as this host last looked at the group
 
     # ----------------------------------------------------------------------- life
 
@@ -77,7 +78,8 @@ class EtcdSlot:
             self.reader = reader
             self.sem = Semaphore(self.etcd, self.group, prefix=self.settings.prefix,
                                  lease_ttl=self.settings.lease_ttl, clock=self.clock)
-            await _watch(self.sem)
+            # Follow the group without queueing: its numbers and overdue holders are known at once.
+            await self.sem.follow()
             with contextlib.suppress(Exception):
                 self.failures = await count_failures(self.etcd, self.group, prefix=self.settings.prefix)
         except BaseException:
@@ -111,24 +113,25 @@ class EtcdSlot:
                     cooldown_until=None, ready=True, problem=reader.error or "")
 
     async def wait_changed(self) -> None:
-        """The policy or pause changed; while queued also: our own keys changed or our turn came
-        (the semaphore mirror's wake-up for this id, so the status shows the queue as it moves)."""
+        """The policy or pause changed; while queued also: the group's semaphore changed since
+        the coordinator last looked (so the status shows the queue as it moves)."""
         if self.reader is None:
             await asyncio.Event().wait()
         assert self.reader is not None
-        mirror = getattr(self.sem, "_mirror", None) if self._acquiring else None
-        if mirror is None:
+        if not self._acquiring or self.sem is None:
             await self.reader.changed()
             return
-        wake = mirror.register(self.holder_id)
-        waits = {asyncio.ensure_future(self.reader.changed()), asyncio.ensure_future(wake.wait())}
+        moved = asyncio.ensure_future(self.sem.changed(self._seen))
+        waits = {asyncio.ensure_future(self.reader.changed()), moved}
         try:
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            mirror.unregister(self.holder_id, wake)
             for w in waits:
                 w.cancel()
             await asyncio.gather(*waits, return_exceptions=True)
+        if moved.done() and not moved.cancelled() and moved.exception() is None:
+            # Also while a value is corrupt (no snapshot to read the revision from).
+            self._seen = max(self._seen, moved.result())
 
     # ----------------------------------------------------------------------- the slot
 
@@ -150,16 +153,9 @@ class EtcdSlot:
         return _grant(holder)
 
     async def _left_queue(self) -> None:
-        mirror = getattr(self.sem, "_mirror", None)
-        if mirror is None:
-            return
-        wake = mirror.register(self.holder_id)  # set when our own keys change
-        try:
-            while (st := self._mirror()) is not None and any(w.id == self.holder_id for w in st.queue):
-                await wake.wait()
-                wake.clear()
-        finally:
-            mirror.unregister(self.holder_id, wake)
+        assert self.sem is not None
+        while (st := self._mirror()) is not None and any(w.id == self.holder_id for w in st.queue):
+            await self.sem.changed(st.revision)
 
     async def held(self) -> Grant | None:
         assert self.sem is not None
@@ -185,7 +181,16 @@ class EtcdSlot:
     # ----------------------------------------------------------------------- the group
 
     def _mirror(self) -> SemaphoreState | None:
-        return _snapshot(self.sem) if self.sem is not None else None
+        """The group from the semaphore's mirror (no etcd call); None when not open or corrupt."""
+        if self.sem is None:
+            return None
+        try:
+            st = self.sem.snapshot()
+        except CorruptValueError:
+            return None
+        if st is not None:
+            self._seen = max(self._seen, st.revision)
+        return st
 
     def queue(self) -> QueueInfo | None:
         st = self._mirror()
@@ -219,7 +224,12 @@ class EtcdSlot:
                             on_timeout=policy.on_timeout, recorded=report.recorded)
             if policy.on_timeout == "release" and h.revision not in self._released_overdue:
                 self._released_overdue.add(h.revision)
-                released = await _release_overdue(self.sem, self.etcd, h, now)
+                assert self.sem is not None
+                # Compares the holder key's revision: of all hosts trying, one frees it, and a
+                # fresh grant of the same host is never freed.
+                released = await self.sem.release_overdue(
+                    h.id, h.revision, by=audit.actor(),
+                    reason=f"overdue since {h.deadline.isoformat()} (on_timeout = release)")
                 log.warning("overdue_holder_released" if released else "overdue_holder_release_lost",
                             holder=h.id, revision=h.revision)
         return nxt
@@ -234,48 +244,3 @@ class EtcdSlot:
 
 def _grant(h: Holder) -> Grant:
     return Grant(holder_id=h.id, since=h.since, revision=h.revision, deadline=h.deadline)
-
-
-# --- the few things this module needs of the semaphore beyond lock/unlock/state ------------------
-
-
-async def _watch(sem: Semaphore) -> None:
-    """Start the semaphore's mirror without queueing, so the group's numbers are known at once."""
-    watch = getattr(sem, "watch", None)
-    if watch is not None:
-        await watch()
-        return
-    await sem._ensure_mirror()
-
-
-def _snapshot(sem: Semaphore) -> SemaphoreState | None:
-    snap = getattr(sem, "snapshot", None)
-    if snap is not None:
-        return snap()  # type: ignore[no-any-return]
-    mirror = sem._mirror
-    if mirror is None or mirror.closed:
-        return None
-    try:
-        return mirror.view.state()
-    except CorruptValueError:
-        return None
-
-
-async def _release_overdue(sem: Semaphore | None, etcd: Etcd, h: Holder, now: datetime) -> bool:
-    """Free ``h``'s slot only if its holder key is still the one that went overdue."""
-    assert sem is not None
-    by = audit.actor()
-    reason = f"overdue since {h.deadline.isoformat() if h.deadline else '?'} (on_timeout = release)"
-    release = getattr(sem, "release_overdue", None)
-    if release is not None:
-        return bool(await release(h.id, h.revision, by=by, reason=reason))
-    key = sem.layout.holder(h.id)
-    res = await etcd.txn(
-        [Compare(key, Target.MOD, "==", h.revision)],
-        [Delete(key), audit.entry_op(sem.layout, "release-overdue", h.id, reason, by=by, now=now,
-                                     detail={"revision": h.revision, "deadline": h.deadline.isoformat()
-                                             if h.deadline else None})],
-    )
-    if res.succeeded:
-        await audit.wrote(etcd, sem.layout)
-    return bool(res.succeeded)

@@ -1,0 +1,145 @@
+"""Following a group's semaphore without queueing: ``Semaphore.follow() / snapshot() /
+changed(since)``, read from the watch-driven mirror (real embedded etcd). The etcd-lock strategy
+uses it for the group's numbers, overdue holders and the queue position in its status."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+from test_semaphore import put_of, wait_event
+
+from locksmith.errors import CorruptValueError, LocksmithError
+from locksmith.etcd import Etcd
+from locksmith.keys import Layout
+from locksmith.semaphore import Semaphore, read_state
+from updateagent.config import LocksmithSettings
+from updateagent.strategy.etcd_lock import EtcdSlot
+
+
+@pytest.fixture
+def layout(prefix: str) -> Layout:
+    return Layout("g", prefix)
+
+
+@pytest.fixture
+async def follower(etcd: Etcd, layout: Layout) -> AsyncIterator[Semaphore]:
+    s = Semaphore(etcd, "g", prefix=layout.prefix)
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+@pytest.fixture
+async def other(etcd: Etcd, layout: Layout) -> AsyncIterator[Semaphore]:
+    """Another host's Semaphore (its own mirror and lease)."""
+    s = Semaphore(etcd, "g", prefix=layout.prefix)
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+async def test_a_follower_sees_the_group_change_without_joining_it(
+        etcd: Etcd, layout: Layout, follower: Semaphore, other: Semaphore) -> None:
+    assert follower.snapshot() is None  # not followed yet
+    await follower.follow()
+    st = follower.snapshot()
+    assert st is not None and (st.holders, st.queue, st.max) == ([], [], 1)
+    wait = asyncio.create_task(follower.changed(st.revision))
+    await asyncio.sleep(0)
+    assert not wait.done()  # nothing changed yet
+    h = await other.lock("a")
+    revision = await asyncio.wait_for(wait, 10)
+    assert revision >= h.revision
+    st = follower.snapshot()
+    assert st is not None and st.revision == revision and [x.id for x in st.holders] == ["a"]
+    assert st.available == 0
+    # A second waiter joins the line: the follower sees it, and only it (no key, no lease of its own).
+    b = asyncio.create_task(other.lock("b"))
+    while not (st := follower.snapshot()) or not st.queue:
+        await asyncio.wait_for(follower.changed(st.revision if st else 0), 10)
+    fresh = await read_state(etcd, "g", prefix=layout.prefix)
+    assert [w.id for w in st.queue] == [w.id for w in fresh.queue] == ["b"]
+    assert [x.id for x in fresh.holders] == ["a"]
+    await other.unlock("a")
+    assert (await asyncio.wait_for(b, 10)).id == "b"
+
+
+async def test_changed_answers_at_once_when_the_mirror_is_already_past(
+        etcd: Etcd, layout: Layout, follower: Semaphore, other: Semaphore) -> None:
+    await follower.follow()
+    st0 = follower.snapshot()
+    assert st0 is not None
+    since = await etcd.revision()
+    await other.lock("a")
+    await wait_event(etcd, layout.holders, since + 1, put_of(layout.holder("a")))
+    reached = await asyncio.wait_for(follower.changed(st0.revision), 10)
+    # The change happened before this call: nothing is waited for, nothing missed.
+    async with asyncio.timeout(1):
+        assert await follower.changed(st0.revision) == reached
+
+
+async def test_changed_starts_following_and_ends_with_close(follower: Semaphore, other: Semaphore) -> None:
+    revision = await follower.changed(0)  # starts the mirror: the group's revision at once
+    assert revision > 0 and follower.snapshot() is not None
+    pending = asyncio.create_task(follower.changed(revision))
+    await asyncio.sleep(0)
+    await follower.close()
+    with pytest.raises(LocksmithError, match="closed"):
+        await asyncio.wait_for(pending, 10)
+    assert follower.snapshot() is None
+    with pytest.raises(LocksmithError, match="closed"):
+        await follower.changed(0)
+
+
+async def test_a_corrupt_value_is_reported_and_still_followed(
+        etcd: Etcd, layout: Layout, follower: Semaphore) -> None:
+    await follower.follow()
+    st = follower.snapshot()
+    assert st is not None
+    await etcd.put(layout.holder("x"), b"not json")
+    revision = await asyncio.wait_for(follower.changed(st.revision), 10)
+    with pytest.raises(CorruptValueError, match="holders/x"):
+        follower.snapshot()
+    # Its revision is given all the same, so a follower waits for the fix, not in a loop.
+    await etcd.delete(layout.holder("x"))
+    fixed = await asyncio.wait_for(follower.changed(revision), 10)
+    st = follower.snapshot()
+    assert st is not None and fixed > revision and st.holders == []
+
+
+async def test_a_queued_etcd_slot_wakes_when_the_line_ahead_moves(
+        etcd: Etcd, layout: Layout, other: Semaphore) -> None:
+    """The coordinator's status shows the queue as it moves: a waiter ahead leaving wakes
+    ``wait_changed`` of a queued host although its own turn has not come (the slot is held)."""
+    await other.lock("holder")
+    since = await etcd.revision()
+    ahead = asyncio.create_task(other.lock("ahead"))
+    await wait_event(etcd, layout.queue, since + 1, put_of(layout.waiter("ahead")))
+    slot = EtcdSlot(LocksmithSettings(group="g", prefix=layout.prefix), etcd=etcd)
+    await slot.open("me")
+    try:
+        acquire = asyncio.create_task(slot.acquire("test"))
+        await asyncio.sleep(0)  # acquire() has begun: the slot is queueing
+        while (q := slot.queue()) is None or q.length < 2:
+            await asyncio.wait_for(slot.wait_changed(), 10)
+        assert (q.position, q.length, q.holders) == (2, 2, 1)
+        woken = asyncio.create_task(slot.wait_changed())
+        await asyncio.sleep(0)
+        assert not woken.done()
+        ahead.cancel()  # the waiter ahead leaves the line; the slot stays held
+        await asyncio.wait_for(woken, 10)
+        while (q := slot.queue()) is not None and q.length > 1:
+            await asyncio.wait_for(slot.wait_changed(), 10)
+        assert q is not None and (q.position, q.length, q.holders) == (1, 1, 1)
+        assert not acquire.done()
+        acquire.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await acquire
+    finally:
+        await slot.close()
+    with pytest.raises(asyncio.CancelledError):
+        await ahead
