@@ -31,7 +31,10 @@ temp path) asks for a reboot while another holder (taken by this script, no leas
 group's only slot, so the agent waits in the queue for the whole window: its watch and its
 lease's keep-alives are what etcd should see, nothing else. A fourth, ``policy``, is the idle
 etcd-lock agent of a group that has a policy stored (``locksmithctl policy apply``): reading it
-validates it, which loads jsonschema.
+validates it, which loads jsonschema. A fifth, ``checked``, is the idle etcd-lock agent after
+its first check (``check.on_start``) found no update on a real channel (served on 127.0.0.1,
+signed manifest of the running version): the download and signature code it imported for that
+check stays loaded until the next restart, so this is the steady state between checks.
 
 The agent runs from a copy of ``locksmith`` and ``updateagent`` compiled to bytecode, as an
 install has them (pip compiles at install time). This tree runs with PYTHONDONTWRITEBYTECODE, so
@@ -66,6 +69,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from dbusbus import PrivateBus  # noqa: E402
 from gptimg import MiB, make_disk  # noqa: E402
+from httpserver import FileServer  # noqa: E402
 
 from locksmith.embedded import EmbeddedEtcd  # noqa: E402
 from locksmith.etcd import Etcd, EtcdConfig  # noqa: E402
@@ -73,7 +77,7 @@ from locksmith.policy import parse_policy_text  # noqa: E402
 from locksmith.policystore import apply_policy  # noqa: E402
 from locksmith.semaphore import Semaphore, read_state  # noqa: E402
 from updateagent.bootloader import EmulatedBootloader  # noqa: E402
-from updateagent.release import keygen  # noqa: E402
+from updateagent.release import build_release, keygen  # noqa: E402
 
 AGENT = str(Path(sys.executable).parent / "update-agent")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -224,15 +228,15 @@ async def _queued(etcd: EmbeddedEtcd) -> None:
 
 
 def _config(work: Path, name: str, strategy: str, etcd: EmbeddedEtcd, bus: PrivateBus, disk: Path,
-            record: Path) -> Path:
+            record: Path, channel: str | None = None) -> Path:
     config = work / f"config-{name}.toml"
     key = work / "keys" / "release.pub"
     if not key.exists():
         keygen(work / "keys")
     config.write_text(f"""
 [channel]
-# Never fetched within the measurement (next check 45 minutes away).
-server = "http://127.0.0.1:9/channels"
+# Never fetched within the measurement (next check 45 minutes away), except by "checked".
+server = "{channel or 'http://127.0.0.1:9/channels'}"
 keys = ["{key}"]
 
 [disk]
@@ -242,7 +246,7 @@ path = "{disk}"
 dir = "{work / ('state-' + name)}"
 
 [check]
-on_start = false
+on_start = {'true' if channel else 'false'}
 
 [host]
 kind = "emulated"
@@ -291,8 +295,9 @@ def _measure_agent(work: Path, name: str, strategy: str, etcd: EmbeddedEtcd, sec
         asyncio.run(_blocker(etcd, take=True))
     if name == "policy":
         asyncio.run(_store_policy(etcd))
+    server = _channel(work) if name == "checked" else None
     with PrivateBus(work / f"bus-{name}") as bus:
-        config = _config(work, name, strategy, etcd, bus, disk, record)
+        config = _config(work, name, strategy, etcd, bus, disk, record, server.base_url if server else None)
         log = (work / f"agent-{name}.log").open("wb")
         env = {**base_env, "NOTIFY_SOCKET": str(notify), "WATCHDOG_USEC": str(120 * 1_000_000)}
         rpc_start = _rpc_counts(etcd.metrics())
@@ -310,6 +315,9 @@ def _measure_agent(work: Path, name: str, strategy: str, etcd: EmbeddedEtcd, sec
             if queued:
                 asyncio.run(_queued(etcd))
             time.sleep(warmup)  # the coordinator connects to etcd, resumes, settles
+            if server is not None and not json.loads((work / f"state-{name}" / "state.json").read_text()).get(
+                    "last_checked_time"):
+                raise RuntimeError(f"the first check did not run within the warm-up; see {log.name}")
             if proc.poll() is not None:
                 raise RuntimeError(f"agent exited; see {log.name}")
             rpc0, cpu0, t0 = _rpc_counts(etcd.metrics()), _cpu_seconds(proc.pid), time.monotonic()
@@ -335,6 +343,18 @@ def _measure_agent(work: Path, name: str, strategy: str, etcd: EmbeddedEtcd, sec
             sock.close()
             if queued:
                 asyncio.run(_blocker(etcd, take=False))
+            if server is not None:
+                server.stop()
+
+
+def _channel(work: Path) -> FileServer:
+    """A channel whose newest release is the running version (1.0.0): a check finds no update."""
+    if not (work / "keys" / "release.key").exists():
+        keygen(work / "keys")
+    image = work / "image-1.0.0.img"
+    image.write_bytes(bytes(1 * MiB))
+    build_release(image, work / "www" / "stable", "1.0.0", work / "keys" / "release.key")
+    return FileServer(work / "www").start()
 
 
 def _mb(n: float) -> str:
@@ -358,22 +378,23 @@ def main() -> int:
         results["python"] = _measure_sleeper("pass", 0.5, env)
         results["imports"] = _measure_sleeper("import updateagent.daemon, updateagent.strategy.etcd_lock", 0.5, env)
         for name, strategy in (("off", "off"), ("etcd-lock", "etcd-lock"), ("queued", "etcd-lock"),
-                               ("policy", "etcd-lock")):
+                               ("policy", "etcd-lock"), ("checked", "etcd-lock")):
             results[name] = _measure_agent(work, name, strategy, etcd, args.seconds, args.warmup, env)
 
     if args.json:
         print(json.dumps(results, indent=2, sort_keys=True))
         return 0
     lock, off, imports, bare = results["etcd-lock"], results["off"], results["imports"], results["python"]
-    queued, policy = results["queued"], results["policy"]
+    queued, policy, checked = results["queued"], results["policy"], results["checked"]
     where = "this tree (compiled on import)" if args.from_tree else "a compiled copy of this tree"
     print(f"idle update-agent from {where}, {lock['seconds']:.0f} s measured after a {args.warmup:.0f} s warm-up\n")
-    print(f"{'process':<34} {'RSS':>9} {'anon':>9} {'file':>9} {'peak RSS':>9} {'CPU % of a core':>16}")
+    print(f"{'process':<38} {'RSS':>9} {'anon':>9} {'file':>9} {'peak RSS':>9} {'CPU % of a core':>16}")
     for name, row in (("python -c (bare interpreter)", bare), ("python + agent imports", imports),
                       ("update-agent, strategy off", off), ("update-agent, strategy etcd-lock", lock),
-                      ("etcd-lock, queued for a slot", queued), ("etcd-lock, group has a policy", policy)):
+                      ("etcd-lock, queued for a slot", queued), ("etcd-lock, group has a policy", policy),
+                      ("etcd-lock, after a check (no update)", checked)):
         peak = _mb(row["hwm"]) if "hwm" in row else "-"
-        print(f"{name:<34} {_mb(row['rss']):>9} {_mb(row['anon']):>9} {_mb(row['file']):>9} {peak:>9} "
+        print(f"{name:<38} {_mb(row['rss']):>9} {_mb(row['anon']):>9} {_mb(row['file']):>9} {peak:>9} "
               f"{row['cpu_pct']:>15.3f}%")
     print()
     # Judged on the peak: under memory pressure the kernel drops file-backed pages (shared

@@ -471,6 +471,7 @@ class Etcd:
         uncertain = False
         last = ""
         pause = 0.05
+        tls_refused: set[str] = set()
         while True:
             remaining = deadline - loop.time()
             if remaining <= 0.001:
@@ -499,10 +500,13 @@ class Etcd:
                     raise self._error(exc, what) from exc
                 details = exc.details() or code.name
                 if _looks_like_tls(details):
-                    # Trust is configuration: every member and every retry would refuse it the same
-                    # way, so say so at once instead of after the whole timeout.
-                    raise EtcdUnavailableError(
-                        f"etcd unreachable at {self._where()}: {_short_text(details)}") from exc
+                    # Trust is configuration: once every member has refused the handshake, retrying
+                    # until the timeout cannot help, so say so at once. One member alone refusing
+                    # (its certificate, say) is failed over like any other fault.
+                    tls_refused.add(member.url)
+                    if len(tls_refused) == len(self._members):
+                        raise EtcdUnavailableError(
+                            f"etcd unreachable at {self._where()}: {_short_text(details)}") from exc
                 if code == grpc.StatusCode.DEADLINE_EXCEEDED or not any(
                     s in details.lower() for s in _NOT_SENT
                 ):

@@ -14,6 +14,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -57,7 +58,6 @@ class Scenario:
     flaky_fraction: float = 0.25
     reboot_duration: tuple[str, tuple[float, ...]] = ("uniform", (180.0, 300.0))
     faults: frozenset[str] = frozenset()
-    never_returns_timeout: str = ""  # "" keeps the policy's on_timeout
     seed: int = 1
     members: int = 1
     endpoints: tuple[str, ...] = ()
@@ -197,11 +197,6 @@ class Simulation:
         real = max(1, math.ceil(policy.cooldown.total_seconds() / self.sc.rate))
         return replace(policy, cooldown=timedelta(seconds=real))
 
-    def _host_policy(self, policy: Policy) -> Policy:
-        if "never-returns" in self.sc.faults and self.sc.never_returns_timeout:
-            return replace(policy, on_timeout=self.sc.never_returns_timeout)
-        return policy
-
     def _write_host(self, root: Path, name: str, machine_id: str, group: str, base_url: str, pubkey: Path,
                     template: Path) -> Path:
         root.mkdir(parents=True)
@@ -262,7 +257,7 @@ class Simulation:
 
             return ours
         cfg = self._etcd_config()
-        by_group = {p.group: self._host_policy(p) for p in self.policies}
+        by_group = {p.group: p for p in self.policies}
 
         def model(host: SimHost) -> Any:
             ctx = ModelContext(cfg, host.group, self.prefix, by_group[host.group], host.machine_id, host.machine,
@@ -370,9 +365,9 @@ class Simulation:
             template = await asyncio.to_thread(disk.make_template, root / "template.img")
             etcd = await Etcd.connect(self._etcd_config())
             for p in self.policies:
-                await apply_policy(etcd, self._stored_policy(self._host_policy(p)), prefix=self.prefix,
+                await apply_policy(etcd, self._stored_policy(p), prefix=self.prefix,
                                    reason="simulation")
-            groups = {p.group or "sim": self._host_policy(p) for p in self.policies}
+            groups = {p.group or "sim": p for p in self.policies}
             self.watcher = Watcher(etcd, groups, self.prefix, self.clock)
             await self.watcher.start()
             # etcd's own history of the groups' keys, checked afterwards against every rule of the
@@ -575,8 +570,28 @@ def _mean_draw(spec: tuple[str, tuple[float, ...]]) -> float:
     raise ValueError(kind)
 
 
+class Interrupted(Exception):
+    """SIGTERM stopped the run (after cleaning up its etcd, server and files)."""
+
+
 def simulate(scenario: Scenario, *, progress: TextIO | None = sys.stderr) -> Report:
-    return asyncio.run(Simulation(scenario, progress=progress).run())
+    """Run one scenario in a fresh event loop. SIGTERM cancels it cleanly (raises Interrupted)."""
+
+    async def main() -> Report:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(signal.SIGTERM, task.cancel)
+        try:
+            return await Simulation(scenario, progress=progress).run()
+        except asyncio.CancelledError:
+            raise Interrupted("terminated") from None
+        finally:
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.remove_signal_handler(signal.SIGTERM)
+
+    return asyncio.run(main())
 
 
 async def run_scenario(scenario: Scenario, *, progress: TextIO | None = None) -> Report:

@@ -8,6 +8,7 @@ installed ``update-agent`` / ``updatectl`` entry points. Each test failed before
 from __future__ import annotations
 
 import asyncio
+import gc
 import gzip
 import json
 import logging
@@ -415,6 +416,36 @@ def test_the_agent_serves_again_after_the_bus_restarts(rig: Rig, tmp_path: Path)
         bus.stop()
     text = log.read_text()
     assert "Future exception was never retrieved" not in text and "Traceback" not in text, text[-3000:]
+
+
+async def test_signals_sent_as_the_bus_dies_leave_no_unretrieved_errors(rig: Rig, tmp_path: Path) -> None:
+    """Status changes while the bus goes away: no exception reaches the agent and asyncio reports
+    no "Future exception was never retrieved" (what the daemon printed on SIGTERM)."""
+    loop = asyncio.get_running_loop()
+    reported: list[str] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: reported.append(str(context.get("message"))))
+    bus = PrivateBus(tmp_path / "bus").start()
+    agent = rig.agent()
+    await agent.start()
+    service = AgentService(agent, bus.address)
+    try:
+        await service.start()
+        assert bus.proc is not None
+        bus.proc.kill()
+        bus.proc.wait()
+        with structlog.testing.capture_logs() as logs:
+            for n in range(100):  # signals queued and sent while the connection breaks
+                service._on_status(replace(agent.status(), last_checked_time=n + 1))
+                await asyncio.sleep(0)
+        assert not [e for e in logs if e["event"].endswith("listener_failed")]
+    finally:
+        await service.stop()
+        bus.stop()
+        gc.collect()
+        await asyncio.sleep(0)
+        loop.set_exception_handler(previous)
+    assert reported == []
 
 
 # ------------------------------------------------------------------------ 9: redirects

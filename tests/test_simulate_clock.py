@@ -51,18 +51,19 @@ def test_jumps_fire_sleepers_in_order_never_early(delays: list[float], cancelled
 
 
 async def test_time_flows_at_the_rate_and_the_pacer_jumps_only_when_parked() -> None:
-    clock = VirtualClock(START, rate=1000.0)
+    clock = VirtualClock(START, rate=100.0)
     parked = [False]
     pacer = asyncio.ensure_future(Pacer(clock, lambda: parked[0], settle=0.005, poll=0.001).run())
     try:
         sleeper = asyncio.ensure_future(clock.sleep(3600.0))
         await asyncio.sleep(0.05)
         assert not sleeper.done() and clock.jumps == 0
-        assert 20.0 < clock.elapsed() < 3600.0  # flowing at 1000 virtual s per real s
+        assert 2.0 < clock.elapsed() < 3600.0  # flowing at 100 virtual s per real s
         parked[0] = True
-        await asyncio.wait_for(sleeper, 5)  # the jump fires it long before 3.6 real seconds
-        assert clock.jumps >= 1 and clock.jumped > 0
-        assert clock.flowed + clock.jumped == pytest.approx(clock.elapsed())
+        await asyncio.wait_for(sleeper, 20)  # the jump fires it long before 36 real seconds
+        assert clock.jumps >= 1
+        assert clock.jumped > 3000.0  # most of the hour was skipped, not waited for
+        assert clock.elapsed() >= 3600.0
     finally:
         pacer.cancel()
 

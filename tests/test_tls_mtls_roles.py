@@ -8,10 +8,15 @@ root, is the same before and after)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import socket
+import ssl
 import subprocess
 import sys
+import threading
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -163,6 +168,54 @@ def test_agent_config_over_mtls(cluster: EmbeddedEtcd, pki: Pki, tmp_path: Path)
     toml = (f'[reboot]\nstrategy = "etcd-lock"\n[locksmith]\nendpoints = {list(cluster.endpoints)!r}\n'
             f'cafile = "{pki.ca}"\ncertfile = "{agent.cert}"\nkeyfile = "{agent.key}"\ngroup = "agent-tls"\n')
     assert agent_cycle(toml.replace("'", '"'), tmp_path, "agent-tls") == (["host-1"], [])
+
+
+@contextlib.contextmanager
+def untrusted_tls_listener(pair: CertPair) -> Iterator[str]:
+    """A TLS endpoint on 127.0.0.1 whose certificate no client here trusts; yields its URL."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(pair.cert, pair.key)
+    sock = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve() -> None:
+        sock.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = sock.accept()
+            except TimeoutError:
+                continue
+            with contextlib.suppress(OSError), conn:
+                conn.settimeout(5)
+                ctx.wrap_socket(conn, server_side=True).close()  # the client gives up in the handshake
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"https://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join()
+        sock.close()
+
+
+def test_one_member_refusing_the_handshake_is_failed_over(cluster: EmbeddedEtcd, pki: Pki) -> None:
+    """Only when every member refuses TLS is that reported at once; one bad member is skipped."""
+    agent = pki.clients["agent"]
+    with untrusted_tls_listener(pki.rogue["agent"]) as bad:
+        cfg = EtcdConfig(endpoints=(bad, *cluster.endpoints), cafile=str(pki.ca), certfile=str(agent.cert),
+                         keyfile=str(agent.key), timeout=10)
+
+        async def go() -> tuple[int, str]:
+            async with await Etcd.connect(cfg) as etcd:
+                etcd._current = 0  # start at the bad endpoint (connect picks one at random)
+                rev = await etcd.revision(DEFAULT_PREFIX)
+                return rev, etcd.current_endpoint
+
+        rev, endpoint = asyncio.run(go())
+        assert rev > 0 and endpoint in cluster.endpoints
+        with pytest.raises(EtcdUnavailableError, match="not signed by the given CA"):
+            run(replace(cfg, endpoints=(bad,)), lambda etcd: etcd.revision(DEFAULT_PREFIX))
 
 
 # -- refused clients: one line, nothing changed -------------------------------------------------------

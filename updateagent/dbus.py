@@ -197,12 +197,38 @@ class AgentInterface(ServiceInterface):
         self.emit_properties_changed({name: getattr(self, name) for name in _PROPERTIES})
 
 
+class _Bus(MessageBus):
+    """Signals are sent without waiting (dbus-fast drops the future ``send`` returns). When the bus
+    dies with signals still queued, their futures get the socket error, and asyncio would print
+    "Future exception was never retrieved" with a traceback for each; the service's watcher
+    reports the loss once instead. Awaited sends (replies, RequestName) still see their errors."""
+
+    def send(self, msg: Message) -> "asyncio.Future[None]":
+        writer, loop = getattr(self, "_writer", None), getattr(self, "_loop", None)
+        if writer is None or loop is None:  # another dbus-fast layout: its own send, unguarded
+            return super().send(msg)
+        # dbus-fast's send, with the callback attached before the write is tried: a write to a
+        # dead socket fails inside schedule_write, which then raises, and the caller never gets
+        # the future to retrieve.
+        if not msg.serial:
+            msg.serial = self.next_serial()
+        future: asyncio.Future[None] = loop.create_future()
+        future.add_done_callback(_retrieve)
+        writer.schedule_write(msg, future)
+        return future
+
+
+def _retrieve(future: "asyncio.Future[None]") -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 async def connect(bus_address: str | None) -> MessageBus:
     """A connected bus: the system bus when ``bus_address`` is None."""
     where = bus_address or "the system bus"
     try:
         # The constructor parses the address: a malformed one fails here, not in connect().
-        bus = MessageBus(bus_address=bus_address) if bus_address else MessageBus(bus_type=BusType.SYSTEM)
+        bus = _Bus(bus_address=bus_address) if bus_address else _Bus(bus_type=BusType.SYSTEM)
         return await bus.connect()
     except Exception as exc:
         raise DBusServiceError(f"cannot connect to {where}: {exc}") from None
@@ -295,6 +321,17 @@ class AgentService:
         with contextlib.suppress(Exception):
             bus.disconnect()
 
+    def _emit(self, send: Callable[[], None]) -> None:
+        """Send signals unless the connection is gone. dbus-fast may still call a connection
+        ``connected`` whose socket it already closed; the write then fails at once (EBADF): the
+        watcher reports the loss and reconnects, so the signal is only dropped here."""
+        if self.bus is None or not self.bus.connected:
+            return
+        try:
+            send()
+        except OSError as exc:
+            log.warning("dbus_signal_not_sent", error=str(exc))
+
     def _on_status(self, snapshot: StatusSnapshot) -> None:
         if self.bus is None or not self.bus.connected:
             return
@@ -302,16 +339,18 @@ class AgentService:
         if key == self._last:
             return
         self._last = key
-        self.manager.StatusUpdate(snapshot)
-        self.agent_iface.properties_changed()
+
+        def send() -> None:
+            self.manager.StatusUpdate(snapshot)
+            self.agent_iface.properties_changed()
+
+        self._emit(send)
 
     def _on_coordinator(self, _status: str) -> None:
-        if self.bus is not None and self.bus.connected:
-            self.agent_iface.coordinator_changed()
+        self._emit(self.agent_iface.coordinator_changed)
 
     def _on_event(self, event: AgentEvent) -> None:
-        if self.bus is not None and self.bus.connected:
-            self.agent_iface.Event(event)
+        self._emit(lambda: self.agent_iface.Event(event))
 
     async def stop(self) -> None:
         self._stopping = True

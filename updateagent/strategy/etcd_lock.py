@@ -24,7 +24,7 @@ from datetime import datetime
 from locksmith import audit
 from locksmith.budget import count_failures, report_failure
 from locksmith.clock import SYSTEM_CLOCK, Clock
-from locksmith.errors import CorruptValueError
+from locksmith.errors import CorruptValueError, LocksmithError
 from locksmith.etcd import Etcd
 from locksmith.log import get_logger
 from locksmith.reader import PolicyReader
@@ -155,7 +155,10 @@ class EtcdSlot:
     async def _left_queue(self) -> None:
         assert self.sem is not None
         while (st := self._mirror()) is not None and any(w.id == self.holder_id for w in st.queue):
-            await self.sem.changed(st.revision)
+            try:
+                await self.sem.changed(st.revision)
+            except LocksmithError:  # closed: there is no line to watch any more
+                return
 
     async def held(self) -> Grant | None:
         assert self.sem is not None
