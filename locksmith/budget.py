@@ -33,7 +33,8 @@ from locksmith.log import get_logger
 from locksmith.policy import Policy
 from locksmith.policystore import encode_pause, load_policy
 
-__all__ = ["Failure", "FailureKind", "FailureReport", "count_failures", "list_failures", "report_failure"]
+__all__ = ["Failure", "FailureKind", "FailureReport", "count_failures", "failure_recorded", "list_failures",
+           "report_failure"]
 
 _log = get_logger(__name__)
 
@@ -132,6 +133,14 @@ async def report_failure(
         _log.warning("group_paused_by_failure_budget", group=group, failures=count, budget=budget,
                      host=host_id, kind=kind)
     return FailureReport(count, budget, res.succeeded, paused.succeeded)
+
+
+async def failure_recorded(etcd: Etcd, group: str, host_id: str, kind: FailureKind, incident: str, *,
+                           prefix: str = DEFAULT_PREFIX) -> bool:
+    """Whether that incident is recorded already: one read, so that of the many hosts that may
+    report a shared incident (an overdue holder) only one spends a transaction on it."""
+    check_id(host_id)
+    return await etcd.get(_failure_key(Layout(group, prefix), host_id, kind, incident)) is not None
 
 
 async def count_failures(etcd: Etcd, group: str, *, prefix: str = DEFAULT_PREFIX) -> int:

@@ -13,16 +13,24 @@
   overdue holder is reported once (incident = its holder key's revision, whoever reports it) and,
   with ``on_timeout = "release"``, released through a transaction that compares that revision, so
   of all the hosts that try exactly one succeeds and a fresh grant of the same host is never freed.
+- One host deals with an overdue grant, not every host that sees it (the whole fleet follows the
+  group): the first waiter in the queue just after the deadline; any other host only after
+  ``OVERDUE_GRACE`` plus a delay of its own (a hash of host and grant, within ``OVERDUE_SPREAD``),
+  and then only if a read shows the failure not yet recorded (a released holder is gone from the
+  mirror). Each host tries a grant at most once per process. So an overdue grant costs the fleet
+  O(1) writes, and a dead or foreign queue head (``locksmithctl lock --wait``) delays its handling
+  by at most ``OVERDUE_GRACE + OVERDUE_SPREAD``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from datetime import datetime
+import zlib
+from datetime import datetime, timedelta
 
 from locksmith import audit
-from locksmith.budget import count_failures, report_failure
+from locksmith.budget import count_failures, failure_recorded, report_failure
 from locksmith.clock import SYSTEM_CLOCK, Clock
 from locksmith.errors import CorruptValueError, LocksmithError
 from locksmith.etcd import Etcd
@@ -37,6 +45,11 @@ log = get_logger("updateagent.etcd_lock")
 
 CONNECT_TIMEOUT = 30.0
 LEAVE_TIMEOUT = 10.0
+# Who deals with an overdue grant (see the module doc): the queue's first waiter just after the
+# deadline, any other host after the grace plus its own share of the spread.
+OVERDUE_GRACE = timedelta(seconds=30)
+OVERDUE_SPREAD = timedelta(seconds=60)
+_JUST_AFTER = timedelta(milliseconds=1)  # overdue means past the deadline, not at it
 
 
 class EtcdSlot:
@@ -204,38 +217,61 @@ class EtcdSlot:
         return QueueInfo(position=pos, length=len(ids), holders=len(st.holders), slots=st.max, paused=st.paused)
 
     async def tend(self, now: datetime) -> datetime | None:
-        """Report and (on_timeout = release) free other hosts' overdue slots; the next deadline."""
+        """Report and (on_timeout = release) free other hosts' overdue slots when it is this
+        host's turn; when to look again (None: nothing to wait for)."""
         st = self._mirror()
         if st is None or self.etcd is None or self.reader is None:
             return None
         policy = self.reader.policy
+        release = policy.on_timeout == "release"
         nxt: datetime | None = None
         for h in st.holders:
             if h.id == self.holder_id or h.deadline is None:
                 continue
-            if not h.overdue(now):
-                nxt = h.deadline if nxt is None else min(nxt, h.deadline)
+            reported = h.revision in self._reported_overdue
+            if reported and (not release or h.revision in self._released_overdue):
                 continue
-            if h.revision not in self._reported_overdue:
-                detail = f"{h.id} held its slot past its deadline {h.deadline.isoformat()}"
-                report = await report_failure(self.etcd, self.group, h.id, "overdue", detail,
-                                              incident=f"rev-{h.revision}", policy=policy,
-                                              prefix=self.settings.prefix)
-                self._reported_overdue.add(h.revision)
-                self.failures = report.count
-                log.warning("overdue_holder", holder=h.id, deadline=h.deadline.isoformat(),
-                            on_timeout=policy.on_timeout, recorded=report.recorded)
-            if policy.on_timeout == "release" and h.revision not in self._released_overdue:
+            turn = self._overdue_turn(h, st)
+            if now < turn:
+                nxt = turn if nxt is None else min(nxt, turn)
+                continue
+            if not reported:
+                await self._report_overdue(h, policy.on_timeout)
+            if release and h.revision not in self._released_overdue:
                 self._released_overdue.add(h.revision)
                 assert self.sem is not None
                 # Compares the holder key's revision: of all hosts trying, one frees it, and a
-                # fresh grant of the same host is never freed.
+                # fresh grant of the same host is never freed. It reads the group first and
+                # writes only if the grant is still there.
                 released = await self.sem.release_overdue(
                     h.id, h.revision, by=audit.actor(),
                     reason=f"overdue since {h.deadline.isoformat()} (on_timeout = release)")
                 log.warning("overdue_holder_released" if released else "overdue_holder_release_lost",
                             holder=h.id, revision=h.revision)
         return nxt
+
+    def _overdue_turn(self, h: Holder, st: SemaphoreState) -> datetime:
+        """When this host deals with ``h`` once it is overdue (see the module doc)."""
+        assert h.deadline is not None
+        if st.queue and st.queue[0].id == self.holder_id:
+            return h.deadline + _JUST_AFTER
+        share = zlib.crc32(f"{self.holder_id}/{h.id}/{h.revision}".encode()) / 2**32
+        return h.deadline + _JUST_AFTER + OVERDUE_GRACE + OVERDUE_SPREAD * share
+
+    async def _report_overdue(self, h: Holder, on_timeout: str) -> None:
+        assert self.etcd is not None and self.reader is not None and h.deadline is not None
+        incident = f"rev-{h.revision}"
+        if await failure_recorded(self.etcd, self.group, h.id, "overdue", incident, prefix=self.settings.prefix):
+            self._reported_overdue.add(h.revision)
+            log.debug("overdue_holder_already_reported", holder=h.id, revision=h.revision)
+            return
+        detail = f"{h.id} held its slot past its deadline {h.deadline.isoformat()}"
+        report = await report_failure(self.etcd, self.group, h.id, "overdue", detail, incident=incident,
+                                      policy=self.reader.policy, prefix=self.settings.prefix)
+        self._reported_overdue.add(h.revision)
+        self.failures = report.count
+        log.warning("overdue_holder", holder=h.id, deadline=h.deadline.isoformat(), on_timeout=on_timeout,
+                    recorded=report.recorded)
 
     def group_metrics(self) -> dict[str, float]:
         st = self._mirror()
