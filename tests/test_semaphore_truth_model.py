@@ -14,7 +14,7 @@ from typing import Any
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 
 from locksmith.errors import SlotUnavailableError
 from locksmith.etcd import Etcd, EtcdConfig, LostReply
@@ -23,7 +23,9 @@ from locksmith.semaphore import Holder, Semaphore
 
 IDS = st.sampled_from(["a", "b", "c"])
 _config: EtcdConfig | None = None
-_dropped = [0]  # replies lost over the whole run: the test must really have lost some
+# Replies lost, and machines run, over the whole test: every run must really have lost some.
+_dropped = [0]
+_runs = [0]
 
 
 class _Later:
@@ -53,6 +55,7 @@ class TruthMachine(RuleBasedStateMachine):
         self.reported: list[ReportedGrant] = []
         self.max = 1
         self.paused = False
+        self.dropped = 0
 
     def run(self, aw: Any) -> Any:
         return self.loop.run_until_complete(aw)
@@ -67,6 +70,7 @@ class TruthMachine(RuleBasedStateMachine):
     def done(self, fault: LostReply | None) -> None:
         if fault is not None:
             self.etcd.lost_replies.remove(fault)
+            self.dropped += fault.dropped
             _dropped[0] += fault.dropped
 
     def teardown(self) -> None:
@@ -84,6 +88,15 @@ class TruthMachine(RuleBasedStateMachine):
         assert kv is not None and kv.mod_revision == h.revision, f"{h} returned, key is {kv}"
         self.holders[h.id] = h
         self.reported.append(ReportedGrant(h.id, h.revision))
+
+    @initialize(holder_id=IDS)
+    def grant_with_its_reply_lost(self, holder_id: str) -> None:
+        """Every run starts with a grant whose reply is lost after it committed: the random ``lose``
+        flags alone left some runs (and, about 2 runs of 3, the whole test) with few or no losses.
+        A fresh group has a free slot, so try_lock's first transaction is the grant itself."""
+        self.try_lock(holder_id, lose=True)
+        assert self.dropped == 1, "the grant's reply was not lost: the fault injection did not fire"
+        _runs[0] += 1
 
     @rule(holder_id=IDS, lose=st.booleans())
     def try_lock(self, holder_id: str, lose: bool) -> None:
@@ -158,9 +171,11 @@ class TruthMachine(RuleBasedStateMachine):
 def test_every_answer_is_true_with_lost_replies(etcd_config: EtcdConfig) -> None:
     global _config
     _config = etcd_config
+    _dropped[0] = _runs[0] = 0
     run_state_machine_as_test(
         TruthMachine,
         settings=settings(max_examples=12, stateful_step_count=20, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow]),
     )
-    assert _dropped[0] > 10
+    # Each run lost its first grant's reply (checked in the run); more come from the rules' flags.
+    assert _runs[0] >= 1 and _dropped[0] >= _runs[0], (_runs[0], _dropped[0])
