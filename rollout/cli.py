@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import click
 
 from locksmith.errors import InvalidArgumentError, LocksmithError
+from locksmith.etcd import EtcdConfig
 from locksmith.windows import parse_duration
 
 EXIT_UNSAFE = 3
@@ -94,7 +96,10 @@ def _start(value: str) -> datetime:
 @click.option("--seed", type=int, default=1, show_default=True)
 @click.option("--members", type=click.Choice(["1", "3"]), default="1", show_default=True,
               help="Embedded etcd cluster size.")
-@click.option("--endpoint", "sim_endpoints", multiple=True, help="Use this etcd cluster instead of an embedded one.")
+@click.option("--endpoint", "sim_endpoints", multiple=True,
+              help="Use this etcd cluster instead of an embedded one (repeat or comma-separate), reached with "
+              "the global --etcd-cafile/--etcd-certfile/--etcd-keyfile (mTLS) and "
+              "--etcd-username/--etcd-password.")
 @click.option("--coordinator", type=click.Choice(["ours", "locksmith-model", "kured-model"]), default="ours",
               show_default=True, help="The models are models of those tools' waiting behaviour, not the tools.")
 @click.option("--compare", is_flag=True, help="Run ours and both models on the same fleet and seed.")
@@ -125,12 +130,8 @@ def simulate_cmd(ctx: click.Context, hosts: int, policy_files: tuple[Path, ...],
 
     obj = ctx.find_object(object)
     output = sim_output or getattr(obj, "output", "text")
-    endpoints = tuple(sim_endpoints)
-    parent = ctx.parent
-    if not endpoints and parent is not None and parent.get_parameter_source("endpoints") not in (
-            None, click.core.ParameterSource.DEFAULT):
-        endpoints = tuple(obj.etcd_config.endpoints)
-    if "member-kill" in faults and members != "3" and not endpoints:
+    etcd = _existing_etcd(ctx, sim_endpoints)
+    if "member-kill" in faults and members != "3" and etcd is None:
         raise click.UsageError("--faults member-kill needs --members 3")
     if chart is not None and chart.suffix.lower() not in (".png", ".svg"):
         raise click.BadParameter("name the chart *.png or *.svg", param_hint="--chart")
@@ -156,7 +157,7 @@ def simulate_cmd(ctx: click.Context, hosts: int, policy_files: tuple[Path, ...],
 
     base = Scenario(hosts=hosts, policies=policies, release=release, flaky_fraction=flaky_fraction,
                     reboot_duration=reboot_duration, faults=faults, seed=seed, members=int(members),
-                    endpoints=endpoints, coordinator=coordinator, rate=rate, horizon=horizon_s,
+                    etcd=etcd, coordinator=coordinator, rate=rate, horizon=horizon_s,
                     check_interval_minutes=check_interval, kured_period=kured_s, workdir=workdir,
                     **({"start": start} if start is not None else {}))
     coordinators = ("ours", "locksmith-model", "kured-model") if compare else (coordinator,)
@@ -164,8 +165,6 @@ def simulate_cmd(ctx: click.Context, hosts: int, policy_files: tuple[Path, ...],
     reports = []
     try:
         for c in coordinators:
-            from dataclasses import replace
-
             reports.append(simulate(replace(base, coordinator=c, label=c if compare else ""), progress=progress))
     except LocksmithError as exc:
         click.echo(f"locksmithctl: error: {exc}", err=True)
@@ -197,6 +196,29 @@ def simulate_cmd(ctx: click.Context, hosts: int, policy_files: tuple[Path, ...],
     # With --compare the exit status is ours: the models are expected to break the bad-release bound.
     if not reports[0].safe:
         sys.exit(EXIT_UNSAFE)
+
+
+def _existing_etcd(ctx: click.Context, sim_endpoints: tuple[str, ...]) -> EtcdConfig | None:
+    """The etcd named by ``--endpoint`` (the command's or the global one), with the global TLS and
+    auth options (--etcd-cafile, --etcd-certfile, --etcd-keyfile, --etcd-username,
+    --etcd-password); None for an embedded one, which ignores those options."""
+    obj = ctx.find_object(object)
+    base: EtcdConfig | None = getattr(obj, "etcd_config", None)
+    parent = ctx.parent
+    if sim_endpoints:
+        from locksmith.cli import _split_endpoints
+
+        endpoints = _split_endpoints(sim_endpoints)
+        cfg = replace(base, endpoints=endpoints) if base is not None else EtcdConfig(endpoints=endpoints)
+        try:
+            cfg.host_ports()
+        except InvalidArgumentError as exc:
+            raise click.BadParameter(str(exc), param_hint="--endpoint") from exc
+        return cfg
+    if base is not None and parent is not None and parent.get_parameter_source("endpoints") not in (
+            None, click.core.ParameterSource.DEFAULT):
+        return base
+    return None
 
 
 def _horizon(text: str) -> float:

@@ -15,12 +15,13 @@ import os
 import random
 import shutil
 import signal
+import ssl
 import sys
 import tempfile
 import time
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TextIO
@@ -61,6 +62,9 @@ class Scenario:
     seed: int = 1
     members: int = 1
     endpoints: tuple[str, ...] = ()
+    # An existing etcd with its TLS files and credentials; wins over ``endpoints``. Every client
+    # the run makes (hosts' agents, watcher, recorder, models, metrics reader) uses all of it.
+    etcd: EtcdConfig | None = field(default=None, repr=False)  # it may hold a password
     coordinator: str = "ours"
     rate: float = 10.0
     start: datetime = DEFAULT_START
@@ -116,12 +120,25 @@ def _span(seconds: float) -> str:
     return f"{d}d{h:02d}h{m:02d}m" if d else f"{h}h{m:02d}m"
 
 
-def _etcd_writes(urls: list[str]) -> float:
+def _metrics_tls(cfg: EtcdConfig) -> ssl.SSLContext | None:
+    """The TLS context for an existing etcd's /metrics (served on its client URLs): its CA, and our
+    client certificate when etcd asks for one. None when it cannot be built: then no numbers."""
+    try:
+        ctx = ssl.create_default_context(cafile=cfg.cafile)
+        if cfg.certfile:
+            ctx.load_cert_chain(cfg.certfile, cfg.keyfile)
+    except (OSError, ValueError):
+        return None
+    return ctx
+
+
+def _etcd_writes(urls: list[str], tls: ssl.SSLContext | None = None) -> float:
     """Write RPCs etcd handled, summed over the members that answer /metrics."""
     total = 0.0
     for url in urls:
         try:
-            with urllib.request.urlopen(f"{url}/metrics", timeout=5) as r:
+            with urllib.request.urlopen(f"{url}/metrics", timeout=5,
+                                        context=tls if url.startswith("https:") else None) as r:
                 text = r.read().decode()
         except OSError:
             continue
@@ -176,17 +193,25 @@ class Simulation:
 
     # -- wiring ---------------------------------------------------------------------------------------
 
+    def _external(self) -> EtcdConfig | None:
+        if self.sc.etcd is not None:
+            return self.sc.etcd
+        return EtcdConfig(endpoints=self.sc.endpoints) if self.sc.endpoints else None
+
     def _etcd_config(self) -> EtcdConfig:
-        if self.sc.endpoints:
-            return EtcdConfig(endpoints=self.sc.endpoints)
+        external = self._external()
+        if external is not None:
+            return external
         assert self.server is not None
         return self.server.config()
 
-    def _metrics_urls(self) -> list[str]:
-        if self.sc.endpoints:
-            return [e if "://" in e else f"http://{e}" for e in self.sc.endpoints]
-        assert self.server is not None
-        return [m.http_url for m in self.server.members if m.running]
+    def _etcd_writes(self) -> float:
+        external = self._external()
+        if external is None:
+            assert self.server is not None
+            return _etcd_writes([m.http_url for m in self.server.members if m.running])
+        urls = [e if "://" in e else f"http://{e}" for e in external.endpoints]
+        return _etcd_writes(urls, _metrics_tls(external) if any(u.startswith("https:") for u in urls) else None)
 
     def _stored_policy(self, policy: Policy) -> Policy:
         """What goes to etcd. A cooldown is an etcd lease (etcd's clock, real seconds), so the
@@ -219,10 +244,14 @@ class Simulation:
                        "reboot_required_file": str(root / "reboot-required")},
         }
         if strategy == "etcd-lock":
-            tables["locksmith"] = {"endpoints": list(self._etcd_config().endpoints), "group": group,
-                                   "prefix": self.prefix}
+            cfg = self._etcd_config()
+            tables["locksmith"] = {"endpoints": list(cfg.endpoints), "group": group, "prefix": self.prefix,
+                                   **{k: str(Path(v).absolute()) for k in ("cafile", "certfile", "keyfile")
+                                      if (v := getattr(cfg, k)) is not None},
+                                   **{k: v for k in ("username", "password") if (v := getattr(cfg, k)) is not None}}
         arrays = {"health.check": [{"url": f"{base_url}/health/{name}"}]}
         path = root / "config.toml"
+        path.touch(mode=0o600)  # before the text: it may hold the etcd password (kept with --workdir)
         path.write_text(render_toml(tables, arrays))
         return path
 
@@ -358,12 +387,13 @@ class Simulation:
         recording: Recording | None = None
         t_real0 = time.monotonic()
         try:
-            if not sc.endpoints:
+            if self._external() is None:
                 self.server = await asyncio.to_thread(EmbeddedEtcd(sc.members).start)
+            # etcd first: a wrong CA, certificate or password fails before the release is built.
+            etcd = await Etcd.connect(self._etcd_config())
             pubkey = await asyncio.to_thread(channel.publish_release, root)
             server = channel.ChannelServer(root / "www", self._verdict).start()
             template = await asyncio.to_thread(disk.make_template, root / "template.img")
-            etcd = await Etcd.connect(self._etcd_config())
             for p in self.policies:
                 await apply_policy(etcd, self._stored_policy(p), prefix=self.prefix,
                                    reason="simulation")
@@ -393,7 +423,7 @@ class Simulation:
                 self.hosts.append(host)
                 self._by_name[name] = host
             self._live = self.hosts
-            writes_before = await asyncio.to_thread(_etcd_writes, self._metrics_urls())
+            writes_before = await asyncio.to_thread(self._etcd_writes)
             # The agents' check jitter draws from the random module: seed it too.
             random.seed(sc.seed)
             self.clock.restart()  # virtual time starts now, at the scenario's start
@@ -410,7 +440,7 @@ class Simulation:
             outcome = await self._wait_end(bar, host_tasks)
             bar.show(sum(self.host_done(h) for h in self.hosts), final=True)
             real = time.monotonic() - t_real0
-            writes_after = await asyncio.to_thread(_etcd_writes, self._metrics_urls())
+            writes_after = await asyncio.to_thread(self._etcd_writes)
             rec, recording = recording, None
             history = await stop_and_check(rec)
             rows = [self._row(h) for h in self.hosts]

@@ -47,13 +47,20 @@ class SimMachine(EmulatedHost):
         await asyncio.sleep(0)
 
 
+def _toml_char(c: str) -> str:
+    """``c`` inside a TOML basic string: a credential may hold any character."""
+    if c in '"\\':
+        return "\\" + c
+    return c if c.isprintable() or ord(c) > 0xFFFF else f"\\u{ord(c):04x}"
+
+
 def toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
         return repr(value)
     if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return '"' + "".join(_toml_char(c) for c in value) + '"'
     if isinstance(value, list | tuple):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
     if isinstance(value, dict):

@@ -8,6 +8,7 @@ installed ``update-agent`` / ``updatectl`` entry points. Each test failed before
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import gzip
 import json
@@ -385,6 +386,24 @@ async def test_reset_status_is_root_only_like_mark_good(rig: Rig, system_like_bu
 # ------------------------------------------------------------------------ 8: the bus goes away
 
 
+def _wait_for_log_after(proc: subprocess.Popen[bytes], path: Path, offset: int, event: str) -> None:
+    """wait_for_log, counting only the lines written after byte ``offset`` of the log."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with path.open("rb") as f:
+            f.seek(offset)
+            lines = f.read().decode(errors="replace").splitlines()
+        for line in lines:
+            with contextlib.suppress(ValueError):
+                if json.loads(line).get("event") == event:
+                    return
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)  # no inotify here: a short wait for more output
+    tail = path.read_bytes()[offset:].decode(errors="replace")
+    raise AssertionError(f"no {event} in the agent's log after byte {offset}:\n{tail}")
+
+
 def test_the_agent_serves_again_after_the_bus_restarts(rig: Rig, tmp_path: Path) -> None:
     directory = tmp_path / "bus"
     bus = PrivateBus(directory).start()
@@ -405,8 +424,12 @@ def test_the_agent_serves_again_after_the_bus_restarts(rig: Rig, tmp_path: Path)
                            text=True, timeout=30)
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout)["details"]["booted_slot"] == "A"
+        # Only what follows the second outage counts: a slow restart above may already have logged
+        # a failed attempt, and waiting for that one would send SIGTERM before this loss is seen.
+        second = log.stat().st_size
         bus.stop()
-        wait_for_log(proc, log, "dbus_reconnect_failed")
+        _wait_for_log_after(proc, log, second, "dbus_connection_lost")
+        _wait_for_log_after(proc, log, second, "dbus_reconnect_failed")
         proc.terminate()
         assert proc.wait(timeout=20) == 0
     finally:
@@ -525,3 +548,90 @@ def test_multi_member_gzip_decompresses_whatever_the_chunking(members: list[tupl
     while chunk := reader.read(installer.CHUNK_SIZE):
         out += chunk
     assert bytes(out) == b"".join(parts)
+
+
+class _BusThatDiesOnRequestName:
+    """A D-Bus peer on a unix socket that authenticates a client and answers its Hello, then
+    drops the connection when the next message (RequestName) arrives: a bus that goes away while
+    the service is attaching. ``connections`` counts clients that got that far."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.connections = 0
+        self.again = asyncio.Event()  # set at the second connection: the service tried again
+        self.server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_unix_server(self._serve, path=str(self.path))
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        from dbus_fast import Message, MessageType
+        from dbus_fast.aio.message_bus import HELLO_1_SERIALIZED
+
+        try:
+            async with asyncio.timeout(30):
+                await reader.readexactly(1)  # the credentials byte
+                await reader.readuntil(b"\r\n")  # AUTH EXTERNAL <uid>
+                writer.write(b"OK " + b"0" * 32 + b"\r\n")
+                assert (await reader.readuntil(b"\r\n")) == b"BEGIN\r\n"
+                assert (await reader.readexactly(len(HELLO_1_SERIALIZED))) == HELLO_1_SERIALIZED
+                reply = Message(message_type=MessageType.METHOD_RETURN, reply_serial=1, signature="s",
+                                body=[f":1.{self.connections + 1}"])
+                writer.write(reply._marshall(False))
+                await writer.drain()
+                await reader.read(1)  # RequestName: the bus dies before answering
+                self.connections += 1
+                if self.connections >= 2:
+                    self.again.set()
+        finally:
+            writer.transport.abort()
+
+
+async def test_a_bus_dying_while_the_service_attaches_is_retried(rig: Rig, tmp_path: Path) -> None:
+    """The bus goes away between Hello and the RequestName reply. start() reports it as a
+    DBusServiceError; after a loss, the watcher logs a failed attempt and tries again (it used to
+    die with the raw EOFError/ConnectionResetError: no more reconnects, the connection left open)."""
+    from updateagent.dbus import DBusServiceError
+
+    loop = asyncio.get_running_loop()
+    reported: list[str] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: reported.append(str(context.get("message"))))
+    sock = tmp_path / "bus" / "bus.sock"
+    sock.parent.mkdir()
+    dying = _BusThatDiesOnRequestName(sock)
+    agent = rig.agent()
+    await agent.start()
+    try:
+        await dying.start()
+        with pytest.raises(DBusServiceError, match=r"cannot own com\.coreos\.update1"):
+            await AgentService(agent, f"unix:path={sock}").start()
+        await dying.close()
+        sock.unlink()
+
+        bus = PrivateBus(sock.parent).start()
+        service = AgentService(agent, f"unix:path={sock}")
+        service.RECONNECT_INITIAL = 0.01
+        try:
+            await service.start()
+            bus.stop()  # the service reconnects, and meets the dying bus on the same socket
+            dying = _BusThatDiesOnRequestName(sock)
+            with structlog.testing.capture_logs() as logs:
+                await dying.start()
+                async with asyncio.timeout(30):
+                    await dying.again.wait()
+            assert any(e["event"] == "dbus_reconnect_failed" and "cannot own" in e["error"] for e in logs), logs
+        finally:
+            await service.stop()
+            await dying.close()
+            bus.stop()
+    finally:
+        gc.collect()
+        await asyncio.sleep(0)
+        loop.set_exception_handler(previous)
+    assert reported == []

@@ -258,15 +258,23 @@ class AgentService:
     async def _attach(self) -> MessageBus:
         """Connect, export both interfaces and own the name: a bus ready to serve."""
         bus = await connect(self.bus_address)
-        bus.export(OBJECT_PATH, self.manager)
-        bus.export(OBJECT_PATH, self.agent_iface)
         try:
+            bus.export(OBJECT_PATH, self.manager)
+            bus.export(OBJECT_PATH, self.agent_iface)
             reply = await bus.request_name(BUS_NAME)
         except DBusError as exc:
-            bus.disconnect()
+            self._forget(bus)
             raise DBusServiceError(f"cannot own {BUS_NAME}: {exc.text} (D-Bus policy?)") from None
+        except Exception as exc:
+            # The bus went away between Hello and the reply (EOFError, ConnectionResetError...):
+            # a DBusServiceError like any failed attempt, so the watcher retries instead of dying.
+            self._forget(bus)
+            raise DBusServiceError(f"cannot own {BUS_NAME}: the bus went away ({type(exc).__name__}: {exc})") from None
+        except BaseException:  # cancelled (stop()): close the half-attached connection too
+            self._forget(bus)
+            raise
         if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
-            bus.disconnect()
+            self._forget(bus)
             raise DBusServiceError(f"cannot own {BUS_NAME}: another process holds it ({reply.name})")
         return bus
 
