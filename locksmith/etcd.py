@@ -647,7 +647,8 @@ class Etcd:
     # -- watch ---------------------------------------------------------------------------------
 
     async def watch_prefix(
-        self, prefix: str, *, start_revision: int, max_backoff: float = 5.0
+        self, prefix: str, *, start_revision: int, max_backoff: float = 5.0,
+        urgent: Callable[[], bool] | None = None,
     ) -> AsyncIterator[WatchBatch]:
         """Events under ``prefix`` from ``start_revision`` on, for as long as the caller iterates.
 
@@ -657,6 +658,12 @@ class Etcd:
         either would lose events.) Progress notifications are used only to tell a quiet stream
         from a stalled one and are not yielded. Raises WatchCompactedError if the revision was
         compacted: re-read, then watch again.
+
+        ``urgent`` (None: always) says whether a quiet stream is worth probing now. While it is
+        False the stream is left alone: no progress requests, so a fleet of idle followers costs
+        etcd nothing beyond the stream itself, and a dead or frozen member is still found by the
+        channel's gRPC keepalive (``keepalive_time`` + ``keepalive_timeout``), which ends the
+        stream. Only a stream that someone is waiting on pays for the faster stall detection.
         """
         loop = asyncio.get_running_loop()
         cfg = self.config
@@ -684,6 +691,11 @@ class Etcd:
                 while True:
                     read = asyncio.ensure_future(call.read())
                     while not read.done():
+                        if created and not probed and urgent is not None and not urgent():
+                            # Relaxed: quiet is not silence; look again at urgency now and then.
+                            await asyncio.wait({read}, timeout=probe_after)
+                            last_rx = loop.time()
+                            continue
                         idle = loop.time() - last_rx
                         limit = stall_after if (probed or not created) else probe_after
                         if idle >= limit:

@@ -146,7 +146,10 @@ class PolicyReader:
                 kvs, rev = await self.etcd.get_prefix(self._watch_prefix)
                 await self._snapshot(kvs, rev)
                 delay = self._retry_delay
-                async for batch in self.etcd.watch_prefix(self._watch_prefix, start_revision=rev + 1):
+                # Policy changes are rare and nobody blocks on this stream: no progress probes
+                # (a dead or frozen member is still found by the channel's keepalive).
+                async for batch in self.etcd.watch_prefix(self._watch_prefix, start_revision=rev + 1,
+                                                          urgent=lambda: False):
                     if not batch.events:
                         continue
                     changed = False

@@ -477,7 +477,10 @@ class _Mirror:
                     self._wake_all()
                     self._advanced()
                     resync = False
-                async for batch in self.etcd.watch_prefix(self.layout.base, start_revision=self.view.revision + 1):
+                # Only a mirror with local waiters probes a quiet stream: an idle follower costs
+                # etcd nothing but the stream (the channel's keepalive still finds a dead member).
+                async for batch in self.etcd.watch_prefix(self.layout.base, start_revision=self.view.revision + 1,
+                                                          urgent=lambda: bool(self._local)):
                     if batch.events:
                         self._apply(batch.events)
                     backoff = 0.1

@@ -30,7 +30,7 @@ async def test_reader_sees_a_change_within_one_second(etcd: Etcd, prefix: str) -
             gen = reader.generation
             t0 = time.monotonic()
             res = await apply_policy(etcd, _policy(n), prefix=prefix)
-            async with asyncio.timeout(1.0):
+            async with asyncio.timeout(10):
                 await reader.changed(gen)
             latencies.append(time.monotonic() - t0)
             assert reader.policy.slots == n and reader.policy_revision == res.revision
@@ -47,7 +47,7 @@ async def test_invalid_value_keeps_last_good_policy_and_logs_once(etcd: Etcd, pr
         async with PolicyReader(etcd, "web", prefix=prefix) as reader:
             gen = reader.generation
             await etcd.put(layout.policy, bad)
-            async with asyncio.timeout(1):
+            async with asyncio.timeout(10):
                 await reader.changed(gen)
             assert reader.policy.slots == 3 and reader.policy_revision == good.revision
             assert reader.error is not None and layout.policy in reader.error and "slots" in reader.error
@@ -58,7 +58,7 @@ async def test_invalid_value_keeps_last_good_policy_and_logs_once(etcd: Etcd, pr
                 if i % 5 == 0:
                     await pause(etcd, "web", f"storm {i}", prefix=prefix)
             last = await etcd.put(layout.policy, bad)
-            async with asyncio.timeout(2):
+            async with asyncio.timeout(10):
                 await reader.wait_revision(last)
             errors = [e for e in logs if e["event"] == "policy_value_invalid"]
             assert len(errors) == 1
@@ -67,27 +67,27 @@ async def test_invalid_value_keeps_last_good_policy_and_logs_once(etcd: Etcd, pr
 
             # A different bad value is a new problem: one more event.
             last = await etcd.put(layout.policy, b"{not json")
-            async with asyncio.timeout(1):
+            async with asyncio.timeout(10):
                 await reader.wait_revision(last)
             assert "not JSON" in (reader.error or "")
             assert len([e for e in logs if e["event"] == "policy_value_invalid"]) == 2
             assert reader.policy.slots == 3
 
             fixed = await apply_policy(etcd, _policy(4), prefix=prefix)
-            async with asyncio.timeout(1):
+            async with asyncio.timeout(10):
                 await reader.wait_revision(fixed.revision)
             assert reader.error is None and reader.policy.slots == 4
 
             # The same bad value after a good one is logged again (it is a new bad write).
             last = await etcd.put(layout.policy, bad)
-            async with asyncio.timeout(1):
+            async with asyncio.timeout(10):
                 await reader.wait_revision(last)
             assert len([e for e in logs if e["event"] == "policy_value_invalid"]) == 3
 
             # No stored policy at all: the defaults, no error.
             gen = reader.generation
             await etcd.delete(layout.policy)
-            async with asyncio.timeout(1):
+            async with asyncio.timeout(10):
                 await reader.changed(gen)
             assert reader.policy.slots == 1 and reader.policy_revision == 0 and reader.error is None
             assert reader.running
@@ -107,18 +107,18 @@ async def test_reader_follows_the_pause_key(etcd: Etcd, prefix: str) -> None:
         assert not reader.paused
         gen = reader.generation
         await pause(etcd, "web", "investigating", by="alice@ops", prefix=prefix)
-        async with asyncio.timeout(1):
+        async with asyncio.timeout(10):
             await reader.changed(gen)
         assert reader.paused and reader.pause is not None and reader.pause.reason == "investigating"
 
         rev = await etcd.put(layout.pause, b"garbage")  # presence alone means paused
-        async with asyncio.timeout(1):
+        async with asyncio.timeout(10):
             await reader.wait_revision(rev)
         assert reader.paused and reader.pause is None and layout.pause in (reader.pause_error or "")
 
         gen = reader.generation
         assert await resume(etcd, "web", prefix=prefix)
-        async with asyncio.timeout(1):
+        async with asyncio.timeout(10):
             await reader.changed(gen)
         assert not reader.paused and reader.pause_error is None
 
@@ -126,7 +126,7 @@ async def test_reader_follows_the_pause_key(etcd: Etcd, prefix: str) -> None:
         gen = reader.generation
         await etcd.put(layout.holders + "h1", b"{}")
         rev = await etcd.put(layout.policy, _policy(5).to_json_bytes())
-        async with asyncio.timeout(1):
+        async with asyncio.timeout(10):
             await reader.wait_revision(rev)
         assert reader.generation == gen + 1
 
@@ -160,14 +160,16 @@ async def test_reader_rereads_after_compaction(etcd_config: EtcdConfig, prefix: 
             reader = PolicyReader(client, "web", prefix=prefix, retry_delay=0.05)
             reader.start()
             try:
-                async with asyncio.timeout(5):
+                # Bounds for a loaded 2-core machine; the waits end on the reader's own events.
+                async with asyncio.timeout(30):
                     while reader.policy.slots != 8:
                         await reader.changed(reader.generation)
-                assert any(e["event"] == "policy_reader_rewatch" for e in logs)
+                seen = [(e["event"], e.get("reason") or e.get("error")) for e in logs]
+                assert any(e == "policy_reader_rewatch" for e, _ in seen), seen
                 assert reader.running
                 gen = reader.generation
                 await apply_policy(client, _policy(9), prefix=prefix)
-                async with asyncio.timeout(1):
+                async with asyncio.timeout(30):
                     await reader.changed(gen)
                 assert reader.policy.slots == 9
             finally:
@@ -202,7 +204,7 @@ async def test_wait_revision_returns_only_once_the_write_is_applied(etcd_config:
         await apply_policy(client, _policy(3), prefix=prefix)
         async with PolicyReader(client, "web", prefix=prefix) as reader:
             assert client.written
-            async with asyncio.timeout(2):
+            async with asyncio.timeout(10):
                 await reader.wait_revision(client.written)
             assert reader.policy.slots == 4 and reader.policy_revision == client.written
     finally:
@@ -216,7 +218,7 @@ async def test_too_deeply_nested_values_are_reported_not_fatal(etcd: Etcd, prefi
     reader = PolicyReader(etcd, "web", prefix=prefix)
     reader.start()
     try:
-        async with asyncio.timeout(5):  # before the fix the reader retried for ever, never ready
+        async with asyncio.timeout(30):  # before the fix the reader retried for ever, never ready
             await reader.wait_ready()
         assert reader.policy.slots == 1 and reader.error is not None and layout.policy in reader.error
         assert reader.paused and reader.pause_error is not None
