@@ -496,7 +496,8 @@ class Etcd:
                     raise _Lost
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
-                if code not in _TRANSIENT:
+                # "Internal error from Core" is gRPC's own failure of a call on a broken connection.
+                if code not in _TRANSIENT and "internal error from core" not in (exc.details() or "").lower():
                     raise self._error(exc, what) from exc
                 details = exc.details() or code.name
                 if _looks_like_tls(details):

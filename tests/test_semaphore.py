@@ -379,8 +379,17 @@ async def test_waiting_lock_raises_on_corruption_and_mirror_recovers(
     with pytest.raises(CorruptValueError) as info:
         await asyncio.wait_for(task, 10)
     assert info.value.key == layout.policy
-    # The mirror kept watching: once the value is fixed, the same object works again.
+    # The mirror kept watching: once the value is fixed, the same object works again. lock()
+    # checks the mirror first, so wait until it has the fix (under load it can lag the delete).
     await etcd.delete(layout.policy)
+    async with asyncio.timeout(10):
+        seen = await waiting.changed(0)
+        while True:
+            try:
+                waiting.snapshot()
+                break
+            except CorruptValueError:
+                seen = await waiting.changed(seen)
     task = await queued(etcd, waiting, "w", await etcd.revision())
     await sem.unlock("a")
     assert (await asyncio.wait_for(task, 10)).id == "w"
