@@ -32,6 +32,9 @@ soak: setup
 bench: setup
 	$(PY) benchmarks/semaphore.py
 	$(PY) benchmarks/apply.py
+	$(PY) benchmarks/agent_idle.py
+	$(PY) benchmarks/fleetlock.py
+	$(PY) benchmarks/rollout.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
