@@ -17,18 +17,20 @@ backend plugs in beside the etcd one. See docs/coordinator.md.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from locksmith.clock import SYSTEM_CLOCK, Clock
+from locksmith.log import get_logger
 
 if TYPE_CHECKING:
     from updateagent.config import AgentSettings
     from updateagent.host import Host
 
-__all__ = ["RebootRequest", "RebootStrategy", "StatusListener", "build_reboot_strategy"]
+__all__ = ["RebootRequest", "RebootStrategy", "StatusListener", "build_reboot_strategy", "first_of", "tell"]
 
 
 @dataclass(frozen=True)
@@ -103,3 +105,23 @@ def build_reboot_strategy(settings: AgentSettings, host: Host, *, clock: Clock =
     else:  # config validation refuses other names
         raise ValueError(f"unknown reboot strategy {strategy!r}")
     return Coordinator(backend, host, options, state_path=coordinator_state_path(settings.state_dir), clock=clock)
+
+
+def tell(listeners: Iterable[StatusListener], text: str) -> None:
+    """Hand a status line to every listener: one that raises is logged, and the rest still hear it."""
+    for listener in list(listeners):
+        try:
+            listener(text)
+        except Exception as exc:
+            get_logger("updateagent.strategy").error("status_listener_failed", error=str(exc))
+
+
+async def first_of(waits: set[asyncio.Future[Any]]) -> None:
+    """Wait until one of ``waits`` is done, then cancel and reap the rest, so no task is left
+    pending for the garbage collector to complain about."""
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
+        await asyncio.gather(*waits, return_exceptions=True)

@@ -39,7 +39,7 @@ from locksmith.log import get_logger
 from locksmith.windows import NEVER_CLOSES, WindowSet
 from updateagent._atomic import write_atomic
 from updateagent.host import Host
-from updateagent.strategy import RebootRequest, StatusListener
+from updateagent.strategy import RebootRequest, StatusListener, first_of, tell
 from updateagent.strategy.hooks import run_hooks
 
 if TYPE_CHECKING:
@@ -559,12 +559,7 @@ class Coordinator:
             waits.add(asyncio.ensure_future(asyncio.shield(self._acquire)))
         if until is not None:
             waits.add(asyncio.ensure_future(self.clock.sleep(max((until - self.clock.now()).total_seconds(), 0.0))))
-        try:
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for w in waits:
-                w.cancel()
-            await asyncio.gather(*waits, return_exceptions=True)
+        await first_of(waits)
 
     async def _ensure_backend(self) -> bool:
         if self._backend_open:
@@ -920,12 +915,7 @@ class Coordinator:
             return Record()
 
     def _tell(self) -> None:
-        text = self.status_text()
-        for listener in list(self._listeners):
-            try:
-                listener(text)
-            except Exception as exc:
-                log.error("status_listener_failed", error=str(exc))
+        tell(self._listeners, self.status_text())
 
 
 def _describe_request(req: dict[str, str]) -> str:

@@ -39,6 +39,7 @@ from locksmith.reader import PolicyReader
 from locksmith.semaphore import Holder, Semaphore, SemaphoreState
 from locksmith.windows import WindowSet
 from updateagent.config import LocksmithSettings
+from updateagent.strategy import first_of
 from updateagent.strategy.coordinator import Gate, Grant, QueueInfo
 
 log = get_logger("updateagent.etcd_lock")
@@ -136,12 +137,7 @@ class EtcdSlot:
             return
         moved = asyncio.ensure_future(self.sem.changed(self._seen))
         waits = {asyncio.ensure_future(self.reader.changed()), moved}
-        try:
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for w in waits:
-                w.cancel()
-            await asyncio.gather(*waits, return_exceptions=True)
+        await first_of(waits)
         if moved.done() and not moved.cancelled() and moved.exception() is None:
             # Also while a value is corrupt (no snapshot to read the revision from).
             self._seen = max(self._seen, moved.result())

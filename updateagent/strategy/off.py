@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from locksmith.log import get_logger
-from updateagent.strategy import RebootRequest, StatusListener
+from updateagent.strategy import RebootRequest, StatusListener, tell
 
 log = get_logger("updateagent.strategy")
 
@@ -49,9 +49,4 @@ class ReportOnlyStrategy:
         self._listeners.append(listener)
 
     def _tell(self) -> None:
-        text = self.status_text()
-        for listener in list(self._listeners):
-            try:
-                listener(text)
-            except Exception as exc:
-                log.error("status_listener_failed", error=str(exc))
+        tell(self._listeners, self.status_text())
