@@ -13,9 +13,11 @@ from gptimg import cgpt_attr, gptprio_bits, make_disk
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from updateagent.agent import Agent, ChannelSource, Phase, Schedule, StatusSnapshot
+from updateagent.agent import Agent, Phase, StatusSnapshot
 from updateagent.bootloader import EmulatedBootloader
 from updateagent.daemon import build_agent
+from updateagent.schedule import Schedule
+from updateagent.source import ChannelSource
 
 # ------------------------------------------------------------------------------- schedule
 

@@ -10,10 +10,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from updateagent.agent import Phase, is_transient
+from updateagent.agent import Phase
 from updateagent.config import AgentSettings, ConfigError, load_settings, parse_update_conf
 from updateagent.errors import ChannelError, DownloadError, SignatureError
 from updateagent.host import HostError, usr_partuuid_from_cmdline, version_from_os_release
+from updateagent.schedule import is_transient
 from updateagent.state import AgentState, PendingUpdate, StateError, StateStore
 
 

@@ -14,13 +14,14 @@ from agentrig import ManualClock, Rig
 from dbusbus import PrivateBus
 from gptimg import cgpt_attr, gptprio_bits
 
-from updateagent.agent import ImmediateRebootStrategy, Phase, Schedule
+from updateagent.agent import ImmediateRebootStrategy, Phase
 from updateagent.channel import parse_manifest
 from updateagent.config import ConfigError, HealthCheckSpec, RawConfig, validate
 from updateagent.daemon import build_agent
 from updateagent.errors import ChannelError
 from updateagent.health import HealthChecker
 from updateagent.host import SystemHost
+from updateagent.schedule import Schedule
 from updateagent.state import StateError, StateStore
 
 UPDATECTL = str(Path(sys.executable).parent / "updatectl")

@@ -18,7 +18,6 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from httpserver import FileServer
 
-from updateagent.agent import is_transient
 from updateagent.channel import NoUpdate, check, fetch, parse_manifest
 from updateagent.errors import ChannelError, DownloadError, PayloadError, PolicyRefused, SignatureError
 from updateagent.install import (
@@ -30,6 +29,7 @@ from updateagent.install import (
     install_async,
 )
 from updateagent.release import build_release
+from updateagent.schedule import is_transient
 from updateagent.signature import KeySet, sign
 
 MiB = 1 << 20

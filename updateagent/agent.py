@@ -25,16 +25,11 @@ import contextlib
 import hashlib
 import logging
 import os
-import random
-import threading
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar, Unpack
-
-from apscheduler.triggers.interval import IntervalTrigger
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from locksmith.clock import SYSTEM_CLOCK, Clock
 from locksmith.log import get_logger
@@ -42,7 +37,9 @@ from updateagent import gpt
 from updateagent.errors import PayloadError, PolicyRefused, UpdateAgentError
 from updateagent.health import HealthChecker, HealthReport
 from updateagent.host import BootInfo, Host
+from updateagent.schedule import Schedule, is_transient
 from updateagent.slots import Slot, SlotRefused, SlotTable, slots_from_table
+from updateagent.source import UpdateOffer, UpdateSource
 from updateagent.state import AgentState, PendingUpdate, StateStore
 from updateagent.strategy import RebootRequest, RebootStrategy
 from updateagent.strategy.immediate import ImmediateRebootStrategy  # noqa: F401  (moved; importable here too)
@@ -51,7 +48,7 @@ from updateagent.strategy.off import ReportOnlyStrategy
 if TYPE_CHECKING:
     # The installer (requests, urllib3, zstandard: ~6 MiB resident) loads only when an update is
     # downloaded; an idle agent never needs it.
-    from updateagent.install import HttpOptions, InstallResult, InstallTarget, Progress
+    from updateagent.install import Progress
 
 log = get_logger("updateagent.agent")
 _T = TypeVar("_T")
@@ -122,96 +119,6 @@ class AgentEvent:
     time: float
     event: str
     details: dict[str, Any]
-
-
-# --------------------------------------------------------------------------- seams
-
-
-@dataclass(frozen=True)
-class UpdateOffer:
-    """A release the source says may be applied. ``handle`` is the source's own object."""
-
-    version: str
-    size: int
-    sha256: str
-    handle: Any
-
-
-class UpdateSource(Protocol):
-    async def check(self, current_version: str, deny: Iterable[str], allow_downgrade: bool) -> UpdateOffer:
-        """Raise ``channel.NoUpdate`` when there is nothing new, PolicyRefused when refused."""
-        ...
-
-    async def install(
-        self, offer: UpdateOffer, target: InstallTarget, progress: Callable[[Progress], None]
-    ) -> InstallResult: ...
-
-
-class ChannelSource:
-    """The real source: a signed static channel (updateagent.channel) and the streaming installer.
-
-    ``http`` tunes the payload download (retries, backoff, timeouts; see ``install.HttpOptions``).
-    """
-
-    def __init__(self, manifest_url: str, key_paths: Iterable[Path], *, insecure: bool = False,
-                 deadline: float | None = None, **http: Unpack[HttpOptions]) -> None:
-        from updateagent.signature import KeySet
-
-        self.manifest_url = manifest_url
-        self.insecure = insecure
-        self.deadline = deadline  # manifest + signature, seconds; None: channel.DEFAULT_FETCH_DEADLINE
-        self.keys = None if insecure else KeySet.from_paths(list(key_paths))
-        self.http = http
-
-    async def check(self, current_version: str, deny: Iterable[str], allow_downgrade: bool) -> UpdateOffer:
-        from updateagent import channel
-
-        deadline = channel.DEFAULT_FETCH_DEADLINE if self.deadline is None else self.deadline
-        release = await _in_daemon_thread(
-            lambda: channel.fetch(self.manifest_url, self.keys, insecure=self.insecure, deadline=deadline)
-        )
-        offer = channel.check(release, current_version, allow_downgrade=allow_downgrade, deny=list(deny))
-        m = offer.manifest
-        return UpdateOffer(str(m.version), m.size, m.sha256, offer)
-
-    async def install(
-        self, offer: UpdateOffer, target: InstallTarget, progress: Callable[[Progress], None]
-    ) -> InstallResult:
-        from updateagent.install import install_async
-
-        release = offer.handle.release
-        return await install_async(release.manifest, release.manifest_url, target, progress=progress, **self.http)
-
-
-# --------------------------------------------------------------------------- scheduling
-
-
-@dataclass(frozen=True)
-class Schedule:
-    interval: float = 45 * 60.0
-    jitter: float = 0.10  # fraction of the interval, both ways
-    retry_initial: float = 5 * 60.0
-    max_backoff: float = 4 * 3600.0
-
-    def next_check(self, now: datetime) -> datetime:
-        """``interval`` ± ``jitter`` after ``now``. apscheduler's jitter only adds, so start low."""
-        low = self.interval * (1 - self.jitter)
-        spread = self.interval * 2 * self.jitter
-        trigger = IntervalTrigger(seconds=low, jitter=spread or None, start_date=now, timezone=now.tzinfo)
-        fire = trigger.get_next_fire_time(now, now)
-        assert fire is not None
-        return fire
-
-    def retry_after(self, failures: int) -> float:
-        """Exponential backoff after ``failures`` consecutive transient failures (>= 1)."""
-        # Cap the exponent: after ~1025 failures 2 ** n no longer fits a float (OverflowError).
-        base = min(self.retry_initial * 2.0 ** min(failures - 1, 64), self.max_backoff)
-        return min(base * random.uniform(1 - self.jitter, 1 + self.jitter), self.max_backoff)
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Worth retrying with backoff: what the code that raised ``exc`` said (``UpdateAgentError.transient``)."""
-    return isinstance(exc, UpdateAgentError) and exc.transient
 
 
 # --------------------------------------------------------------------------- the agent
@@ -971,36 +878,6 @@ class Agent:
             or self.initial_versions.get(slot.partuuid)
             or ""
         )
-
-
-async def _in_daemon_thread(fn: Callable[[], _T]) -> _T:
-    """``fn()`` in a daemon thread of its own. Unlike ``asyncio.to_thread``, a cancelled call
-    (the daemon stopping) is abandoned: a manifest fetch stuck on a server that never answers
-    would otherwise hold up the process's exit until its read timeout, since the default
-    executor's threads are joined when the event loop closes."""
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[_T] = loop.create_future()
-
-    def deliver(result: _T | None, exc: BaseException | None) -> None:
-        if future.done():
-            return
-        if exc is not None:
-            future.set_exception(exc)
-        else:
-            future.set_result(result)  # type: ignore[arg-type]
-
-    def work() -> None:
-        try:
-            result = fn()
-        except BaseException as exc:
-            outcome: tuple[_T | None, BaseException | None] = (None, exc)
-        else:
-            outcome = (result, None)
-        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits any more
-            loop.call_soon_threadsafe(deliver, *outcome)
-
-    threading.Thread(target=work, name="channel-fetch", daemon=True).start()
-    return await future
 
 
 # Events logged above info; every other event is info. Errors at error, refusals and things that

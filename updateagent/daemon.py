@@ -28,15 +28,17 @@ from prometheus_client import CollectorRegistry
 
 from locksmith.clock import SYSTEM_CLOCK, Clock
 from locksmith.log import configure, get_logger
-from updateagent.agent import Agent, ChannelSource, Phase, Schedule
+from updateagent.agent import Agent, Phase
 from updateagent.cli._common import fail_cleanly
 from updateagent.config import AgentSettings, ConfigError, effective_settings, format_effective, load_settings
 from updateagent.health import HealthChecker
 from updateagent.host import EmulatedHost, Host, SystemHost
 from updateagent.locksmithd import SystemdUnits, UnitStates, refuse_beside_locksmithd
 from updateagent.metrics import AgentMetrics, MetricsError, MetricsServer
+from updateagent.schedule import Schedule
 from updateagent.sdnotify import Notifier
 from updateagent.slots import SlotTable
+from updateagent.source import ChannelSource
 from updateagent.state import StateStore
 from updateagent.strategy import RebootStrategy, build_reboot_strategy
 
