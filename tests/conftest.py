@@ -9,6 +9,8 @@ import pytest
 
 from locksmith.embedded import EmbeddedEtcd
 from locksmith.etcd import Etcd, EtcdConfig
+from locksmith.keys import Layout
+from locksmith.semaphore import Semaphore
 
 # The update agent's shared fixtures (disk, rig, bus).
 pytest_plugins = ["agentfixtures"]
@@ -38,3 +40,19 @@ async def etcd(etcd_config: EtcdConfig) -> AsyncIterator[Etcd]:
         yield client
     finally:
         await client.close()
+
+
+@pytest.fixture
+def layout(prefix: str) -> Layout:
+    """The layout of group "g" under this test's prefix (the semaphore tests' group)."""
+    return Layout("g", prefix)
+
+
+@pytest.fixture
+async def sem(etcd: Etcd, prefix: str) -> AsyncIterator[Semaphore]:
+    """A Semaphore on group "g" under this test's prefix, closed after the test."""
+    s = Semaphore(etcd, "g", prefix=prefix)
+    try:
+        yield s
+    finally:
+        await s.close()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
 
 import pytest
 from test_semaphore import delete_of, put_of, wait_event
@@ -18,20 +17,6 @@ from locksmith.keys import Layout
 from locksmith.policy import parse_policy_text
 from locksmith.policystore import apply_policy
 from locksmith.semaphore import Semaphore, read_state
-
-
-@pytest.fixture
-def layout(prefix: str) -> Layout:
-    return Layout("g", prefix)
-
-
-@pytest.fixture
-async def sem(etcd: Etcd, prefix: str) -> AsyncIterator[Semaphore]:
-    s = Semaphore(etcd, "g", prefix=prefix)
-    try:
-        yield s
-    finally:
-        await s.close()
 
 
 async def _policy(etcd: Etcd, layout: Layout, slots: int, cooldown: str) -> None:

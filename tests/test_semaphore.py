@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -54,20 +54,6 @@ def put_of(key: str) -> Callable[[Event], bool]:
 
 def delete_of(key: str) -> Callable[[Event], bool]:
     return lambda ev: ev.kind == "delete" and ev.kv.key == key
-
-
-@pytest.fixture
-async def sem(etcd: Etcd, prefix: str) -> AsyncIterator[Semaphore]:
-    s = Semaphore(etcd, "g", prefix=prefix)
-    try:
-        yield s
-    finally:
-        await s.close()
-
-
-@pytest.fixture
-def layout(prefix: str) -> Layout:
-    return Layout("g", prefix)
 
 
 async def queued(etcd: Etcd, sem: Semaphore, holder_id: str, since: int, **kw: object) -> asyncio.Task:

@@ -19,11 +19,6 @@ from updateagent.strategy.etcd_lock import EtcdSlot
 
 
 @pytest.fixture
-def layout(prefix: str) -> Layout:
-    return Layout("g", prefix)
-
-
-@pytest.fixture
 async def follower(etcd: Etcd, layout: Layout) -> AsyncIterator[Semaphore]:
     s = Semaphore(etcd, "g", prefix=layout.prefix)
     try:

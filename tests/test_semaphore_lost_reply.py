@@ -55,11 +55,6 @@ def release_of(layout: Layout, holder_id: str) -> Callable[[Any], bool]:
 
 
 @pytest.fixture
-def layout(prefix: str) -> Layout:
-    return Layout("g", prefix)
-
-
-@pytest.fixture
 async def client(etcd_config: EtcdConfig) -> AsyncIterator[Etcd]:
     """The connection the faults are put on. A member whose reply was lost is passed over only
     briefly, so that with one member the adapter retries within the call (the "first reply

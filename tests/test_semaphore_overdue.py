@@ -6,10 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-
-import pytest
 
 from locksmith import audit
 from locksmith.etcd import Etcd, EtcdConfig, LostReply
@@ -28,20 +25,6 @@ class _Later:
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
-
-
-@pytest.fixture
-def layout(prefix: str) -> Layout:
-    return Layout("g", prefix)
-
-
-@pytest.fixture
-async def sem(etcd: Etcd, prefix: str) -> AsyncIterator[Semaphore]:
-    s = Semaphore(etcd, "g", prefix=prefix)
-    try:
-        yield s
-    finally:
-        await s.close()
 
 
 async def test_concurrent_overdue_releases_succeed_exactly_once(etcd: Etcd, sem: Semaphore, layout: Layout) -> None:
