@@ -3,8 +3,6 @@ user/password auth: real servers, certificates made here with ``cryptography``."
 
 from __future__ import annotations
 
-import datetime as dt
-import ipaddress
 import os
 import subprocess
 import sys
@@ -13,10 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from pki import make_pki
 
 from locksmith.embedded import EmbeddedEtcd, TlsMaterial
 
@@ -35,60 +30,11 @@ class Pki:
     rogue_key: Path
 
 
-def _write(base: Path, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> tuple[Path, Path]:
-    crt, pem = base.with_suffix(".crt"), base.with_suffix(".key")
-    crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    pem.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                      serialization.NoEncryption()))
-    pem.chmod(0o600)
-    return crt, pem
-
-
-def _builder(subject: str, issuer: x509.Name, key: ec.EllipticCurvePrivateKey) -> x509.CertificateBuilder:
-    now = dt.datetime.now(dt.UTC)
-    return (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-        .issuer_name(issuer).public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
-    )
-
-
-def _ca(d: Path, name: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    cert = (
-        _builder(name, subject, key)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(
-            digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-            key_encipherment=False, data_encipherment=False, key_agreement=False, encipher_only=False,
-            decipher_only=False), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    return cert, key, _write(d / name, cert, key)[0]
-
-
-def _leaf(d: Path, name: str, ca: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey,
-          *, server: bool) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
-    b = _builder(name, ca.subject, key).add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-    if server:
-        b = b.add_extension(x509.SubjectAlternativeName(
-            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-    return _write(d / name, b.sign(ca_key, hashes.SHA256()), key)
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    d = tmp_path_factory.mktemp("pki")
-    ca, ca_key, ca_path = _ca(d, "ca")
-    other, other_key, other_path = _ca(d, "other-ca")
-    server = _leaf(d, "server", ca, ca_key, server=True)
-    client = _leaf(d, "client", ca, ca_key, server=False)
-    rogue = _leaf(d, "rogue", other, other_key, server=False)
-    return Pki(ca_path, other_path, *server, *client, *rogue)
+    made = make_pki(tmp_path_factory.mktemp("pki"), clients=("client",), rogue=("rogue",))
+    server, client, rogue = made.members[0], made.clients["client"], made.rogue["rogue"]
+    return Pki(made.ca, made.other_ca, server.cert, server.key, client.cert, client.key, rogue.cert, rogue.key)
 
 
 @pytest.fixture(scope="module")
