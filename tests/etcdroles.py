@@ -4,9 +4,12 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 from locksmith.embedded import EmbeddedEtcd
+from locksmith.etcd import Etcd, EtcdConfig
 from locksmith.keys import DEFAULT_PREFIX
 
 PASSWORDS = {"root": "root-pw-1", "agent": "agent-pw-2", "operator": "operator-pw-3", "intruder": "intruder-pw-4"}
@@ -98,3 +101,21 @@ def fleetlock_exchange(config_toml: str, tmp: Path, node: str, group: str) -> tu
             await server.stop()
 
     return asyncio.run(go())
+
+
+T = TypeVar("T")
+
+
+def run(cfg: EtcdConfig, fn: Callable[[Etcd], Awaitable[T]]) -> T:
+    """``fn`` on a fresh connection made with ``cfg``, from synchronous test code."""
+
+    async def go() -> T:
+        async with await Etcd.connect(cfg) as etcd:
+            return await fn(etcd)
+
+    return asyncio.run(go())
+
+
+def store_revision(server: EmbeddedEtcd) -> int:
+    """etcd's current revision, read as root: what a refused request must leave unchanged."""
+    return run(server.config(), lambda etcd: etcd.revision())

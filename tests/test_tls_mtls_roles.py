@@ -15,13 +15,12 @@ import ssl
 import subprocess
 import sys
 import threading
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
-from etcdroles import agent_cycle, fleetlock_exchange, setup_roles
+from etcdroles import agent_cycle, fleetlock_exchange, run, setup_roles, store_revision
 from pki import CertPair, Pki, make_pki
 
 from locksmith.embedded import EmbeddedEtcd, TlsMaterial
@@ -30,7 +29,6 @@ from locksmith.etcd import Etcd, EtcdConfig
 from locksmith.keys import DEFAULT_PREFIX, Layout
 from locksmith.semaphore import Semaphore
 
-T = TypeVar("T")
 LOCKSMITHCTL = str(Path(sys.executable).with_name("locksmithctl"))
 REFUSED = "TLS handshake failed: the server refused our client certificate"
 
@@ -56,18 +54,6 @@ def as_cert(server: EmbeddedEtcd, pki: Pki, pair: CertPair, *, ca: Path | None =
     """A client that logs in by certificate only (no user name): etcd uses the CN."""
     return EtcdConfig(endpoints=server.endpoints, cafile=str(ca or pki.ca), certfile=str(pair.cert),
                       keyfile=str(pair.key), timeout=5)
-
-
-def run(cfg: EtcdConfig, fn: Callable[[Etcd], Awaitable[T]]) -> T:
-    async def go() -> T:
-        async with await Etcd.connect(cfg) as etcd:
-            return await fn(etcd)
-
-    return asyncio.run(go())
-
-
-def store_revision(server: EmbeddedEtcd) -> int:
-    return run(server.config(), lambda etcd: etcd.revision())
 
 
 def ctl(server: EmbeddedEtcd, *args: str) -> subprocess.CompletedProcess[str]:

@@ -6,17 +6,15 @@ is the same before and after)."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 from click.testing import CliRunner
-from etcdroles import PASSWORDS, agent_cycle, fleetlock_exchange, setup_roles
+from etcdroles import PASSWORDS, agent_cycle, fleetlock_exchange, run, setup_roles, store_revision
 from pki import Pki, make_pki
 
 from locksmith.cli import main
@@ -26,7 +24,6 @@ from locksmith.etcd import Etcd, EtcdConfig
 from locksmith.keys import Layout
 from locksmith.semaphore import Semaphore
 
-T = TypeVar("T")
 LOCKSMITHCTL = str(Path(sys.executable).with_name("locksmithctl"))
 
 
@@ -44,18 +41,6 @@ def server(pki: Pki) -> Iterator[EmbeddedEtcd]:
 
 def as_user(server: EmbeddedEtcd, user: str, password: str | None = None) -> EtcdConfig:
     return server.config(username=user, password=password or PASSWORDS[user])
-
-
-def run(cfg: EtcdConfig, fn: Callable[[Etcd], Awaitable[T]]) -> T:
-    async def go() -> T:
-        async with await Etcd.connect(cfg) as etcd:
-            return await fn(etcd)
-
-    return asyncio.run(go())
-
-
-def store_revision(server: EmbeddedEtcd) -> int:
-    return run(server.config(), lambda etcd: etcd.revision())
 
 
 def ctl_env(server: EmbeddedEtcd, pki: Pki, user: str, password: str) -> dict[str, str]:
