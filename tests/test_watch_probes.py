@@ -12,6 +12,7 @@ observed over time. It is several probe intervals long (attempt_timeout / 2 = 1 
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 from collections.abc import Iterator
 
@@ -19,6 +20,7 @@ import pytest
 
 from locksmith.embedded import EmbeddedEtcd
 from locksmith.etcd import Etcd
+from locksmith.keys import Layout
 from locksmith.reader import PolicyReader
 from locksmith.semaphore import Semaphore
 
@@ -47,7 +49,13 @@ async def test_idle_followers_send_no_progress_requests(server: EmbeddedEtcd) ->
         await sem.follow()
         reader.start()
         await reader.wait_ready()
-        await asyncio.sleep(0.5)  # let both watch creations land before the window starts
+        # Both watches are created and delivering once each has seen one write (the pause key is
+        # under both prefixes); the window starts only then, so creations are not counted.
+        rev = await etcd.put(Layout("idle", prefix).pause,
+                             json.dumps({"format_version": 1, "reason": "sync"}).encode())
+        async with asyncio.timeout(30):
+            await reader.wait_revision(rev)
+            await sem.changed(rev - 1)
         before = _watch_messages(server)
         await asyncio.sleep(WINDOW)
         sent = _watch_messages(server) - before
