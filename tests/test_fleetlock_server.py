@@ -265,14 +265,13 @@ async def test_base_path_serves_zincati_style_urls(
 
 
 async def test_mutual_tls(etcd: Etcd, etcd_config: EtcdConfig, prefix: str, tmp_path: Path) -> None:
-    # The certificate helpers of the etcd TLS tests: one way to make a test CA in this suite.
-    from test_cli_tls_auth import _ca, _leaf
+    from pki import make_pki  # the suite's one test CA
 
-    ca, ca_key, ca_path = _ca(tmp_path, "ca")
-    other, other_key, _other_path = _ca(tmp_path, "other-ca")
-    server_cert, server_key = _leaf(tmp_path, "server", ca, ca_key, server=True)
-    client_cert, client_key = _leaf(tmp_path, "client", ca, ca_key, server=False)
-    rogue_cert, rogue_key = _leaf(tmp_path, "rogue", other, other_key, server=False)
+    pki = make_pki(tmp_path, clients=("client",), rogue=("rogue",))
+    ca_path = pki.ca
+    server_cert, server_key = pki.members[0].cert, pki.members[0].key
+    client_cert, client_key = pki.clients["client"].cert, pki.clients["client"].key
+    rogue_cert, rogue_key = pki.rogue["rogue"].cert, pki.rogue["rogue"].key
     await apply(etcd, prefix, GROUP)
     async with running(etcd_config, prefix, tls=True, tls_cert_file=str(server_cert), tls_key_file=str(server_key),
                        client_ca_file=str(ca_path)) as server:
