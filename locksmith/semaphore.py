@@ -22,6 +22,7 @@ import contextlib
 import json
 import math
 import secrets
+import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -412,6 +413,11 @@ class _Mirror:
         self._task: asyncio.Task[None] | None = None
         self._checker: asyncio.Task[None] | None = None
         self._last_event = 0.0  # loop time of the last applied batch (or check)
+        self.users = 0  # Semaphores attached (see _attach)
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._state: SemaphoreState | None = None  # view.state() as of _state_rev, built once per move
+        self._state_rev = -1
+        self.listeners: list[Callable[[], None]] = []
 
     async def start(self) -> None:
         """The first read happens in the caller, so that an unreachable etcd is the caller's error."""
@@ -435,6 +441,15 @@ class _Mirror:
         self.view.check()
         return self.view
 
+    def state(self) -> SemaphoreState:
+        """``view.state()``, built once per move of the view: every follower of a shared mirror
+        reads the same snapshot (treat it as read-only)."""
+        view = self.view
+        if self._state is None or self._state_rev != view.revision or view.corrupt:
+            self._state = view.state()
+            self._state_rev = view.revision
+        return self._state
+
     def register(self, holder_id: str) -> asyncio.Event:
         ev = asyncio.Event()
         self._local.setdefault(holder_id, []).append(ev)
@@ -457,8 +472,14 @@ class _Mirror:
 
     def _advanced(self) -> None:
         """The view moved on (events applied, a fresh read taken) or the mirror closed."""
+        self._state = None
         moved, self._moved = self._moved, asyncio.Event()
         moved.set()
+        for listener in list(self.listeners):
+            try:
+                listener()
+            except Exception as exc:  # one follower's bug must not stop the mirror
+                _log.error("semaphore_listener_failed", group=self.layout.group, error=str(exc))
 
     async def changed(self, since: int) -> int:
         while self.view.revision <= since and not self.closed:
@@ -553,6 +574,50 @@ class _Mirror:
             self._wake(view.first(view.available))
 
 
+# Semaphores on the same Etcd client share one mirror per group: a process that runs many agents
+# (the simulator) then decodes each event once, not once per agent. A daemon has one of each.
+_MIRRORS: weakref.WeakKeyDictionary[Etcd, dict[str, _Mirror]] = weakref.WeakKeyDictionary()
+
+
+async def _attach(etcd: Etcd, layout: Layout, check_every: float) -> _Mirror:
+    mirrors = _MIRRORS.setdefault(etcd, {})
+    mirror = mirrors.get(layout.base)
+    if mirror is None or mirror.closed:
+        mirror = mirrors[layout.base] = _Mirror(etcd, layout, check_every=check_every)
+        mirror.users += 1
+        try:
+            await mirror.start()
+        except BaseException as exc:
+            mirror.users -= 1
+            mirror.closed = True
+            if mirrors.get(layout.base) is mirror:
+                del mirrors[layout.base]
+            if not mirror.ready.done():
+                mirror.ready.set_exception(exc if isinstance(exc, Exception) else LocksmithError("start cancelled"))
+                mirror.ready.exception()  # retrieved: nobody else may be waiting
+            raise
+        mirror.ready.set_result(None)
+        return mirror
+    mirror.users += 1
+    try:
+        await asyncio.shield(mirror.ready)
+    except BaseException:
+        mirror.users -= 1
+        raise
+    return mirror
+
+
+async def _detach(mirror: _Mirror) -> None:
+    mirror.users -= 1
+    if mirror.users > 0:
+        mirror._wake_all()  # the closing Semaphore's own waiters see it closed
+        return
+    mirrors = _MIRRORS.get(mirror.etcd, {})
+    if mirrors.get(mirror.layout.base) is mirror:
+        del mirrors[mirror.layout.base]
+    await mirror.close()
+
+
 # -- the semaphore ------------------------------------------------------------------------------
 
 
@@ -609,6 +674,7 @@ class Semaphore:
         self._abandoning: dict[str, asyncio.Task[None]] = {}  # id -> clean-up of a lock() that gave up
         self._closed = False
         self._closing = asyncio.Event()
+        self._listener_stops: list[Callable[[], None]] = []
 
     # -- public API ---------------------------------------------------------------------------------
 
@@ -643,6 +709,8 @@ class Semaphore:
                     failing_since, delay = None, 0.1
                 just_failed = False
                 wake.clear()
+                if self._closed:  # the mirror may live on for other Semaphores on this client
+                    raise LocksmithError(f"semaphore for group {self.group!r} was closed")
                 view = mirror.current()
                 try:
                     if holder_id in view.holders and view.revision > checked_at:
@@ -797,24 +865,58 @@ class Semaphore:
         delivered), without an etcd call. None before :meth:`follow` or ``lock()`` started the
         mirror, and after ``close()``. Raises CorruptValueError while a value is corrupt."""
         mirror = self._mirror
-        if mirror is None or mirror.closed:
+        if mirror is None or mirror.closed or self._closed:
             return None
-        return mirror.view.state()
+        return mirror.state()
 
     async def changed(self, since: int) -> int:
         """Wait until the mirror has moved past revision ``since`` (a snapshot's ``revision``, or
         what the last call returned) and return its revision: at once if it already has, so no
         change between a snapshot and this call is missed. Starts following if needed; raises
         LocksmithError once the Semaphore is closed."""
-        return await (await self._ensure_mirror()).changed(since)
+        mirror = await self._ensure_mirror()
+        if mirror.view.revision > since:
+            return mirror.view.revision
+        moved = asyncio.ensure_future(mirror.changed(since))
+        closing = asyncio.ensure_future(self._closing.wait())
+        try:
+            await asyncio.wait({moved, closing}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closing.cancel()
+            if not moved.done():
+                moved.cancel()
+            await asyncio.gather(moved, closing, return_exceptions=True)
+        if self._closed:
+            raise LocksmithError(f"semaphore for group {self.group!r} was closed")
+        return moved.result()
+
+    def on_change(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call ``listener()`` (synchronously, in the event loop; it must be quick and must not
+        raise) each time the mirror moves on; returns the function that stops it. For followers
+        that want to decide cheaply whether a change concerns them, instead of waking a task on
+        every change of a long line. Starts nothing: call after :meth:`follow`."""
+        mirror = self._mirror
+        if mirror is None or self._closed:
+            raise LocksmithError(f"semaphore for group {self.group!r} is not following (call follow() first)")
+        mirror.listeners.append(listener)
+
+        def stop() -> None:
+            with contextlib.suppress(ValueError):
+                mirror.listeners.remove(listener)
+
+        self._listener_stops.append(stop)
+        return stop
 
     async def close(self) -> None:
         """Stop the mirror, leave every queue this object joined (revoking its lease) and finish
         background clean-ups. Pending lock() calls raise LocksmithError."""
         self._closed = True
         self._closing.set()
+        for stop in self._listener_stops:
+            stop()
         if self._mirror is not None:
-            await self._mirror.close()
+            mirror, self._mirror = self._mirror, None
+            await _detach(mirror)
         while self._background:
             await asyncio.gather(*list(self._background), return_exceptions=True)
         for guard in list(self._lease_guards):
@@ -836,10 +938,9 @@ class Semaphore:
             raise LocksmithError(f"semaphore for group {self.group!r} was closed")
         async with self._mirror_lock:
             if self._mirror is None:
-                mirror = _Mirror(self.etcd, self.layout, check_every=self.mirror_check_every)
-                await mirror.start()
-                if self._closed:  # close() ran during the first read: it could not stop this mirror
-                    await mirror.close()
+                mirror = await _attach(self.etcd, self.layout, self.mirror_check_every)
+                if self._closed:  # close() ran during the first read: it could not detach this mirror
+                    await _detach(mirror)
                     raise LocksmithError(f"semaphore for group {self.group!r} was closed")
                 self._mirror = mirror
             return self._mirror
@@ -867,6 +968,12 @@ class Semaphore:
         await lease.lost.wait()
         if self._mirror is not None:
             self._mirror._wake_all()
+
+    async def holder(self, holder_id: str) -> Holder | None:
+        """A fresh read of ``holder_id``'s grant in this group (one key, however long the line)."""
+        check_id(holder_id)
+        held, _ = await self._read_holder(holder_id)
+        return held
 
     async def _read_holder(self, holder_id: str) -> tuple[Holder | None, int]:
         """A fresh read of our own holder key (the mirror may lag a release we just made), and the
@@ -1030,7 +1137,15 @@ class Semaphore:
         else:
             # Count from a fresh read rather than from the mirror, so that safety rests on this
             # read and the compares alone, never on the watch having delivered every event.
-            busy, busy_compares = await self._busy(cooldown_s)
+            if queued is None:
+                # The fast path: a host of a herd (a fleet that got the release at once) whose
+                # mirror has not seen the line form yet joins it instead of a grant bound to fail.
+                (busy, busy_compares), waiting = await asyncio.gather(
+                    self._busy(cooldown_s), self.etcd.count_prefix(self.layout.queue))
+                if waiting:
+                    return None
+            else:
+                busy, busy_compares = await self._busy(cooldown_s)
             if busy >= slots:
                 return None
             compares += busy_compares

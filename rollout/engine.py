@@ -171,6 +171,7 @@ class Simulation:
         self._downs = 0
         self._finished = False
         self._blocker: SimHost | None = None
+        self._fleet_etcd: Etcd | None = None
         self._by_name: dict[str, SimHost] = {}
         self._flaky: set[str] = set()
         self._live: list[SimHost] = []
@@ -270,7 +271,8 @@ class Simulation:
             from updateagent.strategy import build_reboot_strategy
 
             def ours(host: SimHost) -> Any:
-                strategy = build_reboot_strategy(host.settings(), host.machine, clock=self.clock)
+                strategy = build_reboot_strategy(host.settings(), host.machine, clock=self.clock,
+                                                 etcd=self._fleet_etcd)
                 # Nothing in the simulation writes /run/reboot-required: no need to poll for it.
                 options = getattr(strategy, "options", None)
                 if options is not None and hasattr(options, "reboot_required_file"):
@@ -282,6 +284,10 @@ class Simulation:
                         if hasattr(options, name):
                             changes[name] = SAFETY_POLL
                     strategy.options = replace(options, **changes)
+                # Likewise the status's place in the line (read live by the report anyway).
+                backend = getattr(strategy, "backend", None)
+                if backend is not None and hasattr(backend, "position_refresh"):
+                    backend.position_refresh = math.inf
                 return strategy
 
             return ours
@@ -290,7 +296,7 @@ class Simulation:
 
         def model(host: SimHost) -> Any:
             ctx = ModelContext(cfg, host.group, self.prefix, by_group[host.group], host.machine_id, host.machine,
-                               self.clock)
+                               self.clock, shared=self._fleet_etcd)
             if self.sc.coordinator == "locksmith-model":
                 return LocksmithModel(ctx)
             return KuredModel(ctx, period=self.sc.kured_period, phase=host.kured_phase)
@@ -391,6 +397,9 @@ class Simulation:
                 self.server = await asyncio.to_thread(EmbeddedEtcd(sc.members).start)
             # etcd first: a wrong CA, certificate or password fails before the release is built.
             etcd = await Etcd.connect(self._etcd_config())
+            # The hosts' connection, apart from the watcher's: hosts share it (and with it one
+            # watch of their group), each with its own lease, keys and policy reader.
+            self._fleet_etcd = await Etcd.connect(self._etcd_config())
             pubkey = await asyncio.to_thread(channel.publish_release, root)
             server = channel.ChannelServer(root / "www", self._verdict).start()
             template = await asyncio.to_thread(disk.make_template, root / "template.img")
@@ -458,6 +467,10 @@ class Simulation:
             for h in self.hosts:
                 with contextlib.suppress(Exception):
                     await h._close_strategy()
+            if self._fleet_etcd is not None:
+                with contextlib.suppress(Exception):
+                    await self._fleet_etcd.close()
+                self._fleet_etcd = None
             if recording is not None:
                 with contextlib.suppress(Exception):
                     await stop_recording(recording, within=5)
@@ -476,8 +489,10 @@ class Simulation:
     async def _wait_end(self, bar: Progress, host_tasks: list[asyncio.Task[Any]]) -> str:
         assert self.watcher is not None
         stall_after = self._stall_after()
+        pause = 0.05
         while True:
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(pause)
+            t0 = time.monotonic()
             for t in host_tasks:
                 if t.done() and not t.cancelled() and t.exception() is not None:
                     raise t.exception()  # type: ignore[misc]
@@ -494,6 +509,7 @@ class Simulation:
                 return "horizon"
             if parked and elapsed - self.watcher.last_progress > stall_after:
                 return "stalled"
+            pause = max(0.05, 10 * (time.monotonic() - t0))  # a big fleet: at most a tenth of the loop
 
     def _stall_after(self) -> float:
         longest_gap = 0.0

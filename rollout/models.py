@@ -45,6 +45,7 @@ class ModelContext:
     holder_id: str
     host: Host
     clock: VirtualClock
+    shared: Etcd | None = None  # the fleet's connection (owned by the simulation), else one per life
 
 
 class _ModelStrategy:
@@ -65,8 +66,10 @@ class _ModelStrategy:
 
     async def _semaphore(self) -> Semaphore:
         if self._sem is None:
-            self._etcd = await Etcd.connect(self.ctx.etcd)
-            self._sem = Semaphore(self._etcd, self.ctx.group, prefix=self.ctx.prefix, clock=self.ctx.clock)
+            etcd = self.ctx.shared
+            if etcd is None:
+                etcd = self._etcd = await Etcd.connect(self.ctx.etcd)
+            self._sem = Semaphore(etcd, self.ctx.group, prefix=self.ctx.prefix, clock=self.ctx.clock)
         return self._sem
 
     async def _sleep(self, seconds: float) -> None:

@@ -8,6 +8,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
+from fleetrig import StepClock
 from test_semaphore import put_of, wait_event
 
 from locksmith.errors import CorruptValueError, LocksmithError
@@ -109,12 +110,14 @@ async def test_a_corrupt_value_is_reported_and_still_followed(
 async def test_a_queued_etcd_slot_wakes_when_the_line_ahead_moves(
         etcd: Etcd, layout: Layout, other: Semaphore) -> None:
     """The coordinator's status shows the queue as it moves: a waiter ahead leaving wakes
-    ``wait_changed`` of a queued host although its own turn has not come (the slot is held)."""
+    ``wait_changed`` of a queued host although its own turn has not come (the slot is held),
+    here with no rate limit on those refreshes."""
     await other.lock("holder")
     since = await etcd.revision()
     ahead = asyncio.create_task(other.lock("ahead"))
     await wait_event(etcd, layout.queue, since + 1, put_of(layout.waiter("ahead")))
     slot = EtcdSlot(LocksmithSettings(group="g", prefix=layout.prefix), etcd=etcd)
+    slot.position_refresh = 0.0
     await slot.open("me")
     try:
         acquire = asyncio.create_task(slot.acquire("test"))
@@ -138,3 +141,47 @@ async def test_a_queued_etcd_slot_wakes_when_the_line_ahead_moves(
         await slot.close()
     with pytest.raises(asyncio.CancelledError):
         await ahead
+
+
+async def test_moves_of_the_line_wake_a_queued_etcd_slot_at_most_every_position_refresh(
+        etcd: Etcd, layout: Layout, other: Semaphore, follower: Semaphore) -> None:
+    """A line of a thousand hosts moves all the time: a queued host's coordinator is woken for
+    its place in the line at most once per ``position_refresh`` (the read is always current)."""
+    await other.lock("holder")
+    since = await etcd.revision()
+    ahead = [asyncio.create_task(other.lock(f"ahead{i}")) for i in range(2)]
+    for i in range(2):
+        await wait_event(etcd, layout.queue, since + 1, put_of(layout.waiter(f"ahead{i}")))
+    clock = StepClock()
+    slot = EtcdSlot(LocksmithSettings(group="g", prefix=layout.prefix), etcd=etcd, clock=clock)
+    slot.position_refresh = 60.0
+    await slot.open("me")
+    await follower.follow()
+    try:
+        acquire = asyncio.create_task(slot.acquire("test"))
+        await asyncio.sleep(0)
+        while (q := slot.queue()) is None or q.length < 3:
+            await asyncio.wait_for(slot.wait_changed(), 10)
+        assert (q.position, q.length) == (3, 3)
+        await slot.tend(clock.now())  # as the coordinator does before each wait: the holder is seen
+        woken = asyncio.create_task(slot.wait_changed())
+        st = follower.snapshot()
+        assert st is not None
+        ahead[0].cancel()  # the line moves within the minute: no wake yet
+        while (st := follower.snapshot()) is not None and len(st.queue) > 2:
+            await asyncio.wait_for(follower.changed(st.revision), 10)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not woken.done()
+        q = slot.queue()
+        assert q is not None and (q.position, q.length) == (2, 2)  # but a read is current
+        clock.advance(61)  # the deferred refresh comes due
+        await asyncio.wait_for(woken, 10)
+        acquire.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await acquire
+    finally:
+        await slot.close()
+    for t in ahead:
+        t.cancel()
+    await asyncio.gather(*ahead, return_exceptions=True)

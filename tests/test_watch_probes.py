@@ -19,6 +19,7 @@ from collections.abc import Iterator
 import pytest
 
 from locksmith.embedded import EmbeddedEtcd
+from locksmith.errors import LocksmithError
 from locksmith.etcd import Etcd
 from locksmith.keys import Layout
 from locksmith.reader import PolicyReader
@@ -93,3 +94,59 @@ async def test_a_mirror_with_a_waiter_still_probes_its_quiet_stream(server: Embe
         await waiter.close()
         await holder.close()
         await etcd.close()
+
+
+def _watchers(server: EmbeddedEtcd) -> float:
+    return server.metrics().get("etcd_debugging_mvcc_watcher_total", 0.0)
+
+
+async def _watchers_become(server: EmbeddedEtcd, n: float) -> None:
+    """etcd's own gauge of its watchers reaches ``n`` (creation and cancel are asynchronous).
+    Polled: another process's /metrics has no event to wait on."""
+    async with asyncio.timeout(15):
+        while _watchers(server) != n:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+
+
+async def test_semaphores_on_one_client_share_one_watch_of_their_group() -> None:
+    """A simulator runs a thousand agents on one client: each event of their group is decoded
+    once, not once per agent. Each Semaphore still ends on its own close."""
+    prefix = f"t-{secrets.token_hex(4)}/"
+    layout = Layout("shared", prefix)
+    pause = json.dumps({"format_version": 1, "reason": "x"}).encode()
+    with EmbeddedEtcd() as server:  # its own: the count of watchers must be nobody else's
+        etcd = await Etcd.connect(server.config())
+        other = await Etcd.connect(server.config())
+        a = Semaphore(etcd, "shared", prefix=prefix)
+        b = Semaphore(etcd, "shared", prefix=prefix)
+        c = Semaphore(other, "shared", prefix=prefix)  # another client: a watch of its own
+        try:
+            for s in (a, b, c):
+                await s.follow()
+            # Every watch exists once each has delivered a write made after all of them started.
+            rev = await etcd.put(layout.pause, pause)
+            async with asyncio.timeout(15):
+                for s in (a, b, c):
+                    assert await s.changed(rev - 1) >= rev
+            assert _watchers(server) == 2
+            b_waits = asyncio.create_task(b.changed(rev))
+            await a.close()  # b follows on through the same watch; a's own waits end
+            assert a.snapshot() is None
+            with pytest.raises(LocksmithError):
+                await a.changed(0)
+            assert not b_waits.done()
+            await etcd.delete(layout.pause)
+            rev = await etcd.revision()
+            async with asyncio.timeout(15):
+                assert await b_waits >= rev
+            st = b.snapshot()
+            assert st is not None and not st.paused
+            assert _watchers(server) == 2
+            await b.close()
+            await _watchers_become(server, 1)
+        finally:
+            for s in (a, b, c):
+                await s.close()
+            await etcd.close()
+            await other.close()
+        await _watchers_become(server, 0)

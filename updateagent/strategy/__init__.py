@@ -27,6 +27,7 @@ from locksmith.clock import SYSTEM_CLOCK, Clock
 from locksmith.log import get_logger
 
 if TYPE_CHECKING:
+    from locksmith.etcd import Etcd
     from updateagent.config import AgentSettings
     from updateagent.host import Host
 
@@ -75,9 +76,12 @@ def coordinator_state_path(state_dir: Path) -> Path:
     return state_dir / "coordinator.json"
 
 
-def build_reboot_strategy(settings: AgentSettings, host: Host, *, clock: Clock = SYSTEM_CLOCK) -> RebootStrategy:
+def build_reboot_strategy(settings: AgentSettings, host: Host, *, clock: Clock = SYSTEM_CLOCK,
+                          etcd: Etcd | None = None) -> RebootStrategy:
     """The strategy the settings name, wired with ``host`` and ``clock`` (the simulator passes a
-    virtual one). Nothing connects here: a coordinator reaches etcd from its own task."""
+    virtual one). Nothing connects here: a coordinator reaches etcd from its own task, on its own
+    connection unless ``etcd`` is given (an open client the caller owns and closes: the simulator
+    runs many hosts on a few connections; each host still has its own lease and keys)."""
     strategy = settings.reboot.strategy
     if strategy == "off":
         from updateagent.strategy.off import ReportOnlyStrategy
@@ -93,7 +97,7 @@ def build_reboot_strategy(settings: AgentSettings, host: Host, *, clock: Clock =
     elif strategy == "etcd-lock":
         from updateagent.strategy.etcd_lock import EtcdSlot
 
-        backend = EtcdSlot(settings.locksmith, local_window=settings.reboot.local_window, clock=clock)
+        backend = EtcdSlot(settings.locksmith, local_window=settings.reboot.local_window, clock=clock, etcd=etcd)
     elif strategy == "fleetlock":
         try:
             from updateagent.strategy.fleetlock import build_fleetlock_backend  # type: ignore[attr-defined]

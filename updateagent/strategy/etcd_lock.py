@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import zlib
 from datetime import datetime, timedelta
 
@@ -51,6 +52,7 @@ LEAVE_TIMEOUT = 10.0
 OVERDUE_GRACE = timedelta(seconds=30)
 OVERDUE_SPREAD = timedelta(seconds=60)
 _JUST_AFTER = timedelta(milliseconds=1)  # overdue means past the deadline, not at it
+POSITION_REFRESH = 5.0
 
 
 class EtcdSlot:
@@ -71,7 +73,19 @@ class EtcdSlot:
         self._released_overdue: set[int] = set()
         self._reported_overdue: set[int] = set()
         self._acquiring = False
-        self._seen = 0  # the semaphore mirror's revision as this host last looked at the group
+        # What the last tend() looked at, so that a change of the group wakes the coordinator only
+        # when it brings an earlier overdue turn (see _on_group_moved).
+        self._tended: set[int] = set()
+        self._next_tend: datetime | None = None
+        self._was_head = False
+        self._poke: asyncio.Event | None = None  # set while the coordinator waits in wait_changed
+        self._position: int | None = None  # queue position at the last status refresh
+        self._refreshed_at = float("-inf")
+        # While queued, a move of the line refreshes the coordinator's status at most this often
+        # (clock seconds; a read of the status is always current). Each refresh is a tick of the
+        # coordinator: a line of a thousand hosts moving would otherwise wake them all each time.
+        self.position_refresh = POSITION_REFRESH
+        self._deferred: asyncio.Future[None] | None = None
 
     # ----------------------------------------------------------------------- life
 
@@ -94,6 +108,7 @@ class EtcdSlot:
                                  lease_ttl=self.settings.lease_ttl, clock=self.clock)
             # Follow the group without queueing: its numbers and overdue holders are known at once.
             await self.sem.follow()
+            self.sem.on_change(self._on_group_moved)
             with contextlib.suppress(Exception):
                 self.failures = await count_failures(self.etcd, self.group, prefix=self.settings.prefix)
         except BaseException:
@@ -101,6 +116,8 @@ class EtcdSlot:
             raise
 
     async def close(self) -> None:
+        if self._deferred is not None:
+            self._deferred.cancel()
         if self.reader is not None:
             await self.reader.stop()
             self.reader = None
@@ -127,20 +144,65 @@ class EtcdSlot:
                     cooldown_until=None, ready=True, problem=reader.error or "")
 
     async def wait_changed(self) -> None:
-        """The policy or pause changed; while queued also: the group's semaphore changed since
-        the coordinator last looked (so the status shows the queue as it moves)."""
+        """The policy or pause changed, or the group changed in a way that concerns this host: a
+        holder whose overdue turn comes before the coordinator's next wake, this host reaching
+        the head of the queue, its place in the line (at most every ``position_refresh``), a
+        corrupt value, the semaphore closing."""
         if self.reader is None:
             await asyncio.Event().wait()
         assert self.reader is not None
-        if not self._acquiring or self.sem is None:
-            await self.reader.changed()
+        poke = self._poke = asyncio.Event()
+        try:
+            await first_of({asyncio.ensure_future(self.reader.changed()), asyncio.ensure_future(poke.wait())})
+        finally:
+            if self._poke is poke:
+                self._poke = None
+
+    def _on_group_moved(self) -> None:
+        """The semaphore's mirror moved on (called synchronously for every change of the group,
+        on every host of a simulated fleet: keep it O(holders))."""
+        poke = self._poke
+        if poke is None or poke.is_set() or self.sem is None:
             return
-        moved = asyncio.ensure_future(self.sem.changed(self._seen))
-        waits = {asyncio.ensure_future(self.reader.changed()), moved}
-        await first_of(waits)
-        if moved.done() and not moved.cancelled() and moved.exception() is None:
-            # Also while a value is corrupt (no snapshot to read the revision from).
-            self._seen = max(self._seen, moved.result())
+        try:
+            st = self.sem.snapshot()
+        except CorruptValueError:
+            poke.set()
+            return
+        if st is None:
+            poke.set()
+            return
+        head = bool(st.queue) and st.queue[0].id == self.holder_id
+        if head != self._was_head:  # the head's turn comes first: every holder's turn moved
+            self._was_head = head
+            self._tended = set()
+        nxt = self._next_tend
+        for h in st.holders:
+            if h.deadline is None or h.id == self.holder_id or h.revision in self._tended:
+                continue
+            if nxt is None or self._overdue_turn(h, st) < nxt:
+                poke.set()
+                return
+            self._tended.add(h.revision)  # its turn comes after the next wake: it is seen then
+        if not self._acquiring or self._deferred is not None or self.position_refresh == math.inf:
+            return
+        ids = [w.id for w in st.queue]
+        pos = ids.index(self.holder_id) + 1 if self.holder_id in ids else None
+        if pos == self._position:
+            return
+        wait = self._refreshed_at + self.position_refresh - self.clock.monotonic()
+        if wait <= 0:
+            poke.set()
+        else:
+            self._deferred = asyncio.ensure_future(self._poke_later(wait))
+
+    async def _poke_later(self, seconds: float) -> None:
+        try:
+            await self.clock.sleep(seconds)
+            if self._poke is not None:
+                self._poke.set()
+        finally:
+            self._deferred = None
 
     # ----------------------------------------------------------------------- the slot
 
@@ -171,11 +233,8 @@ class EtcdSlot:
 
     async def held(self) -> Grant | None:
         assert self.sem is not None
-        state = await self.sem.state()
-        for h in state.holders:
-            if h.id == self.holder_id:
-                return _grant(h)
-        return None
+        held = await self.sem.holder(self.holder_id)
+        return _grant(held) if held is not None else None
 
     async def release(self) -> bool:
         assert self.sem is not None
@@ -200,8 +259,6 @@ class EtcdSlot:
             st = self.sem.snapshot()
         except CorruptValueError:
             return None
-        if st is not None:
-            self._seen = max(self._seen, st.revision)
         return st
 
     def queue(self) -> QueueInfo | None:
@@ -210,6 +267,7 @@ class EtcdSlot:
             return None
         ids = [w.id for w in st.queue]
         pos = ids.index(self.holder_id) + 1 if self.holder_id in ids else None
+        self._position, self._refreshed_at = pos, self.clock.monotonic()
         return QueueInfo(position=pos, length=len(ids), holders=len(st.holders), slots=st.max, paused=st.paused)
 
     async def tend(self, now: datetime) -> datetime | None:
@@ -221,6 +279,9 @@ class EtcdSlot:
         policy = self.reader.policy
         release = policy.on_timeout == "release"
         nxt: datetime | None = None
+        self._tended = {h.revision for h in st.holders}
+        self._was_head = bool(st.queue) and st.queue[0].id == self.holder_id
+        self._next_tend = None
         for h in st.holders:
             if h.id == self.holder_id or h.deadline is None:
                 continue
@@ -244,6 +305,7 @@ class EtcdSlot:
                     reason=f"overdue since {h.deadline.isoformat()} (on_timeout = release)")
                 log.warning("overdue_holder_released" if released else "overdue_holder_release_lost",
                             holder=h.id, revision=h.revision)
+        self._next_tend = nxt
         return nxt
 
     def _overdue_turn(self, h: Holder, st: SemaphoreState) -> datetime:
