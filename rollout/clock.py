@@ -45,6 +45,7 @@ class VirtualClock:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
         self._dead = 0
+        self.fired = 0  # sleepers woken so far (a sign of activity for the Pacer)
 
     # -- Clock ---------------------------------------------------------------------------------
 
@@ -150,6 +151,7 @@ class VirtualClock:
             _, _, fut = heapq.heappop(self._heap)
             if not fut.done():  # type: ignore[union-attr]
                 fut.set_result(None)  # type: ignore[union-attr]
+                self.fired += 1
         if self._heap:
             self._arm()
 
@@ -164,40 +166,51 @@ class Pacer:
     the next jump. Timers less than ``quantum`` virtual seconds after the earliest one fire in the
     same jump (each at most ``quantum`` late): periodic re-checks of many hosts then cost one
     jump, not one each. ``limit`` (virtual elapsed seconds) bounds the jumps: the run's horizon.
+
+    ``activity()`` (optional) is a value that changes whenever anything in the fleet happens (a
+    host's event, an etcd event, a timer firing). ``parked()`` looks at every host; with it, the
+    settle period needs one look, not one per poll: as long as the value stays the same, the
+    fleet is as it was when last seen parked. ``verdict`` is the last judgement.
     """
 
     def __init__(self, clock: VirtualClock, parked: Callable[[], bool], *, settle: float = 0.004,
-                 poll: float = 0.001, limit: float | None = None, quantum: float = 0.0) -> None:
+                 poll: float = 0.001, limit: float | None = None, quantum: float = 0.0,
+                 activity: Callable[[], object] | None = None) -> None:
         self.clock = clock
         self.parked = parked
         self.settle = settle
         self.poll = poll
         self.limit = limit
         self.quantum = quantum
+        self.activity = activity
+        self.verdict = False
 
     async def run(self) -> None:
         quiet_since: float | None = None
-        pause = self.poll
+        mark: object = None
         while True:
-            await asyncio.sleep(pause)
-            t0 = time.monotonic()
-            parked = self.parked()
-            real = time.monotonic()
-            # The test looks at every host: in a big fleet it must not take most of the loop.
-            pause = max(self.poll, 3 * (real - t0))
-            if not parked:
-                quiet_since = None
-                continue
-            if quiet_since is None:
-                quiet_since = real
-                continue
-            if real - quiet_since < self.settle:
-                continue
+            await asyncio.sleep(self.poll)
+            if quiet_since is not None and self.activity is not None and self.activity() == mark:
+                if time.monotonic() - quiet_since < self.settle:
+                    continue
+            else:
+                mark = self.activity() if self.activity is not None else None
+                self.verdict = self.parked()
+                if not self.verdict:
+                    quiet_since = None
+                    continue
+                real = time.monotonic()
+                if quiet_since is None or self.activity is not None:
+                    quiet_since = real  # (with activity: seen parked after the latest change)
+                    continue
+                if real - quiet_since < self.settle:
+                    continue
             deadline = self.clock.next_deadline()
             if deadline is None:
                 continue
             deadline = self.clock.last_deadline_before(deadline + self.quantum)
             if self.limit is not None:
                 deadline = min(deadline, self.limit)
+            self.verdict = False
             self.clock.jump_to(deadline)
             quiet_since = None

@@ -172,6 +172,8 @@ class Simulation:
         self._finished = False
         self._blocker: SimHost | None = None
         self._fleet_etcd: Etcd | None = None
+        self._activity = 0
+        self._pacer: Pacer | None = None
         self._by_name: dict[str, SimHost] = {}
         self._flaky: set[str] = set()
         self._live: list[SimHost] = []
@@ -179,8 +181,17 @@ class Simulation:
 
     # -- PowerObserver -------------------------------------------------------------------------------
 
+    def touch(self) -> None:
+        """Something happened on a host (see ``Pacer.activity``)."""
+        self._activity += 1
+
+    def _activity_mark(self) -> object:
+        assert self.watcher is not None
+        return (self._activity, self.clock.fired, self.watcher.last_event_real)
+
     def power_changed(self, host: SimHost, power: str) -> None:
         assert self.watcher is not None
+        self._activity += 1
         if power == "down":
             self._downs += 1
             if self._downs >= max(1, len(self.hosts) // 3):
@@ -189,6 +200,7 @@ class Simulation:
         self.events.append((self.clock.elapsed(), host.name, f"power_{power}"))
 
     def host_event(self, host: SimHost, name: str, **details: Any) -> None:
+        self._activity += 1
         if name in ("update_applied", "boot_outcome", "agent_killed", "error"):
             self.events.append((self.clock.elapsed(), host.name, name))
 
@@ -296,7 +308,7 @@ class Simulation:
 
         def model(host: SimHost) -> Any:
             ctx = ModelContext(cfg, host.group, self.prefix, by_group[host.group], host.machine_id, host.machine,
-                               self.clock, shared=self._fleet_etcd)
+                               self.clock, shared=self._fleet_etcd, touch=self.touch)
             if self.sc.coordinator == "locksmith-model":
                 return LocksmithModel(ctx)
             return KuredModel(ctx, period=self.sc.kured_period, phase=host.kured_phase)
@@ -436,7 +448,8 @@ class Simulation:
             # The agents' check jitter draws from the random module: seed it too.
             random.seed(sc.seed)
             self.clock.restart()  # virtual time starts now, at the scenario's start
-            pacer = Pacer(self.clock, self._parked, settle=sc.settle, limit=sc.horizon, quantum=sc.quantum)
+            pacer = self._pacer = Pacer(self.clock, self._parked, settle=sc.settle, limit=sc.horizon,
+                                        quantum=sc.quantum, activity=self._activity_mark)
             label = f"{sc.label} " if sc.label else ""
             bar = Progress(self.progress_out, sc.hosts, self.clock, label)
             host_tasks = [asyncio.create_task(h.run(), name=f"host-{h.name}") for h in self.hosts]
@@ -501,7 +514,8 @@ class Simulation:
             if done == len(self.hosts):
                 self._finished = True
                 return "complete"
-            parked = self._parked()
+            # The pacer's last look at every host (taking another here would double the cost).
+            parked = self._pacer.verdict if self._pacer is not None else self._parked()
             if parked and all(self.host_done(h) or self._blocked(h) for h in self.hosts):
                 return "paused"
             elapsed = self.clock.elapsed()

@@ -33,6 +33,9 @@ class PowerObserver(Protocol):
 
     def host_event(self, host: SimHost, name: str, **details: Any) -> None: ...
 
+    def touch(self) -> None:
+        """Anything else happened on a host (the simulator's parked test looks again)."""
+
 
 class SimMachine(EmulatedHost):
     """An EmulatedHost whose reboot is a request to the host's power loop."""
@@ -129,8 +132,17 @@ class SimHost:
         self._settings: Any = None
         self.kured_phase = 0.0
         self.boot_delay = 0.0
-        self.booting = True  # powering on: the bootloader runs, the agent is not started yet
+        self._booting = True  # powering on: the bootloader runs, the agent is not started yet
         self.coordinator_state = ""
+
+    @property
+    def booting(self) -> bool:
+        return self._booting
+
+    @booting.setter
+    def booting(self, value: bool) -> None:
+        self._booting = value
+        self.observer.touch()
 
     # -- facts from the emulated hardware --------------------------------------------------------
 
@@ -176,7 +188,7 @@ class SimHost:
             agent = build_agent(self.settings(), host=self.machine, clock=self.clock, reboot_strategy=strategy)
             self.agent = agent
             self.strategy = strategy if strategy is not None else agent.reboot_strategy
-            agent.subscribe(on_event=self._on_agent_event)
+            agent.subscribe(on_status=lambda _status: self.observer.touch(), on_event=self._on_agent_event)
             self.booting = False
             subscribe = getattr(self.strategy, "subscribe", None)
             if subscribe is not None and hasattr(self.strategy, "state"):
@@ -251,6 +263,7 @@ class SimHost:
         self.observer.host_event(self, name, **details)
 
     def _on_coordinator_status(self, text: str) -> None:
+        self.observer.touch()
         state = getattr(getattr(self.strategy, "state", None), "value", "")
         tl = self.timeline
         if state == "waiting_for_window" and tl.waiting_window is None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -46,6 +47,7 @@ class ModelContext:
     host: Host
     clock: VirtualClock
     shared: Etcd | None = None  # the fleet's connection (owned by the simulation), else one per life
+    touch: Callable[[], None] | None = None  # tells the simulator's parked test that it woke
 
 
 class _ModelStrategy:
@@ -78,6 +80,8 @@ class _ModelStrategy:
             await self.ctx.clock.sleep(seconds)
         finally:
             self._sleeping = False
+            if self.ctx.touch is not None:
+                self.ctx.touch()
 
     async def _wait_for_window(self) -> None:
         windows = self.ctx.policy.window_set()

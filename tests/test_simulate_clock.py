@@ -68,6 +68,39 @@ async def test_time_flows_at_the_rate_and_the_pacer_jumps_only_when_parked() -> 
         pacer.cancel()
 
 
+async def test_with_activity_the_pacer_looks_at_the_fleet_once_per_change() -> None:
+    """The parked test looks at every host: while nothing happens it is not repeated during the
+    settle period (50 polls here); after a change it is, and a fleet that is busy again is not
+    jumped over."""
+    clock = VirtualClock(START, rate=1.0)
+    parked, activity, looks = [True], [0], [0]
+
+    def look() -> bool:
+        looks[0] += 1
+        return parked[0]
+
+    async def sleeper() -> int:
+        await clock.sleep(3600.0)
+        return looks[0]  # runs before the pacer's next poll: the looks that led to the jump
+
+    pacer = asyncio.ensure_future(Pacer(clock, look, settle=0.05, poll=0.001,
+                                        activity=lambda: (activity[0], clock.fired)).run())
+    try:
+        looks_before_jump = await asyncio.wait_for(sleeper(), 20)
+        assert clock.jumps == 1 and looks_before_jump == 1
+        parked[0] = False
+        activity[0] += 1  # a host woke up: the pacer must look again and see it busy
+        second = asyncio.ensure_future(sleeper())
+        await asyncio.sleep(0.2)
+        assert not second.done() and clock.jumps == 1
+        parked[0] = True
+        activity[0] += 1
+        await asyncio.wait_for(second, 20)
+        assert clock.jumps == 2
+    finally:
+        pacer.cancel()
+
+
 def test_cancelled_sleepers_do_not_pile_up() -> None:
     async def scenario() -> int:
         clock = VirtualClock(START, rate=1.0)
