@@ -33,8 +33,13 @@ lease's keep-alives are what etcd should see, nothing else. A fourth, ``policy``
 etcd-lock agent of a group that has a policy stored (``locksmithctl policy apply``): reading it
 validates it, which loads jsonschema. A fifth, ``checked``, is the idle etcd-lock agent after
 its first check (``check.on_start``) found no update on a real channel (served on 127.0.0.1,
-signed manifest of the running version): the download and signature code it imported for that
-check stays loaded until the next restart, so this is the steady state between checks.
+signed manifest of the running version): the steady state between checks. The check ran in a
+child process (``python -m updateagent.checker``, see updateagent/checker.py) that loaded the
+HTTP and signature code and exited; its own peak RSS is measured too, by running it once more
+with the same request (``check process``). A sixth, ``installed``, found an update on its first
+check, downloaded and applied it (the download runs in the agent, in a thread), and waits in the
+queue for the group's slot to reboot: the downloader's requests, urllib3 and zstandard stay
+loaded until that reboot.
 
 The agent runs from a copy of ``locksmith`` and ``updateagent`` compiled to bytecode, as an
 install has them (pip compiles at install time). This tree runs with PYTHONDONTWRITEBYTECODE, so
@@ -168,9 +173,9 @@ FLOOR_STEPS = (
                                 "locksmith.reader"),
 )
 LAZY_STEPS = (
-    ("requests + urllib3 (download)", "import requests"),
-    ("zstandard (install)", "import zstandard"),
-    ("cryptography (verify)", "import cryptography.hazmat.primitives.asymmetric.ed25519"),
+    ("requests + urllib3 (check process, download)", "import requests"),
+    ("zstandard (download)", "import zstandard"),
+    ("cryptography (check process)", "import cryptography.hazmat.primitives.asymmetric.ed25519"),
     ("jsonschema (stored policy)", "import jsonschema"),
 )
 LAZY_MODULES = ("requests", "urllib3", "zstandard", "cryptography", "jsonschema")
@@ -235,7 +240,8 @@ def _config(work: Path, name: str, strategy: str, etcd: EmbeddedEtcd, bus: Priva
         keygen(work / "keys")
     config.write_text(f"""
 [channel]
-# Never fetched within the measurement (next check 45 minutes away), except by "checked".
+# Never fetched within the measurement (next check 45 minutes away); "checked" and "installed"
+# check once at start.
 server = "{channel or 'http://127.0.0.1:9/channels'}"
 keys = ["{key}"]
 
@@ -289,13 +295,13 @@ def _measure_agent(work: Path, name: str, strategy: str, etcd: EmbeddedEtcd, sec
     notify = work / f"notify-{name}.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(notify))
-    queued = name == "queued"
+    queued = name in ("queued", "installed")
     if queued:
         (work / f"reboot-required-{name}").touch()
         asyncio.run(_blocker(etcd, take=True))
     if name == "policy":
         asyncio.run(_store_policy(etcd))
-    server = _channel(work) if name == "checked" else None
+    server = _channel(work, "2.0.0" if name == "installed" else "1.0.0") if name in ("checked", "installed") else None
     with PrivateBus(work / f"bus-{name}") as bus:
         config = _config(work, name, strategy, etcd, bus, disk, record, server.base_url if server else None)
         log = (work / f"agent-{name}.log").open("wb")
@@ -315,9 +321,11 @@ def _measure_agent(work: Path, name: str, strategy: str, etcd: EmbeddedEtcd, sec
             if queued:
                 asyncio.run(_queued(etcd))
             time.sleep(warmup)  # the coordinator connects to etcd, resumes, settles
-            if server is not None and not json.loads((work / f"state-{name}" / "state.json").read_text()).get(
-                    "last_checked_time"):
+            state = json.loads((work / f"state-{name}" / "state.json").read_text())
+            if server is not None and not state.get("last_checked_time"):
                 raise RuntimeError(f"the first check did not run within the warm-up; see {log.name}")
+            if name == "installed" and state.get("status") != "UPDATE_STATUS_UPDATED_NEED_REBOOT":
+                raise RuntimeError(f"the update was not applied within the warm-up; see {log.name}")
             if proc.poll() is not None:
                 raise RuntimeError(f"agent exited; see {log.name}")
             rpc0, cpu0, t0 = _rpc_counts(etcd.metrics()), _cpu_seconds(proc.pid), time.monotonic()
@@ -347,14 +355,44 @@ def _measure_agent(work: Path, name: str, strategy: str, etcd: EmbeddedEtcd, sec
                 server.stop()
 
 
-def _channel(work: Path) -> FileServer:
-    """A channel whose newest release is the running version (1.0.0): a check finds no update."""
+def _channel(work: Path, version: str) -> FileServer:
+    """A server whose channel (stable) offers ``version``: 1.0.0, the running one, is no update."""
     if not (work / "keys" / "release.key").exists():
         keygen(work / "keys")
-    image = work / "image-1.0.0.img"
-    image.write_bytes(bytes(1 * MiB))
-    build_release(image, work / "www" / "stable", "1.0.0", work / "keys" / "release.key")
-    return FileServer(work / "www").start()
+    root = work / f"www-{version}"
+    if not (root / "stable" / "manifest.json").exists():
+        image = work / f"image-{version}.img"
+        image.write_bytes(bytes(1 * MiB))
+        build_release(image, root / "stable", version, work / "keys" / "release.key")
+    return FileServer(root).start()
+
+
+def _measure_check_process(work: Path, env: dict[str, str]) -> dict[str, float]:
+    """One check as the agent runs it (updateagent.checker.COMMAND, the same request): the child's
+    peak RSS (ru_maxrss of the reaped child), CPU time and wall time."""
+    from updateagent import checker
+    from updateagent.signature import KeySet
+
+    with _channel(work, "1.0.0") as server:
+        request = checker.CheckRequest(server.url("stable/manifest.json"),
+                                       KeySet.from_paths([work / "keys" / "release.pub"]))
+        # Through a small launcher: a child's ru_maxrss also counts the memory of the process that
+        # forked it (this script's, before the exec), and the launcher's is below the check's.
+        launcher = ("import json, os, subprocess, sys, time\n"
+                    "t0 = time.monotonic()\n"
+                    "proc = subprocess.Popen(sys.argv[1:], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)\n"
+                    "answer = proc.stdout.read()\n"
+                    "_, status, usage = os.wait4(proc.pid, 0)\n"
+                    "proc.returncode = os.waitstatus_to_exitcode(status)\n"
+                    "print(json.dumps([answer.decode(), usage.ru_maxrss, usage.ru_utime + usage.ru_stime,"
+                    " time.monotonic() - t0]))\n")
+        out = subprocess.run([sys.executable, "-P", "-c", launcher, *checker.COMMAND], env=env, cwd="/",
+                             input=json.dumps(request.to_json()).encode(), capture_output=True, check=True,
+                             timeout=120).stdout
+    answer, maxrss_kib, cpu_seconds, seconds = json.loads(out)
+    if "release" not in json.loads(answer):
+        raise RuntimeError(f"the check process failed: {answer[:200]!r}")
+    return {"hwm": float(maxrss_kib * 1024), "cpu_seconds": cpu_seconds, "seconds": seconds}
 
 
 def _mb(n: float) -> str:
@@ -378,21 +416,24 @@ def main() -> int:
         results["python"] = _measure_sleeper("pass", 0.5, env)
         results["imports"] = _measure_sleeper("import updateagent.daemon, updateagent.strategy.etcd_lock", 0.5, env)
         for name, strategy in (("off", "off"), ("etcd-lock", "etcd-lock"), ("queued", "etcd-lock"),
-                               ("policy", "etcd-lock"), ("checked", "etcd-lock")):
+                               ("policy", "etcd-lock"), ("checked", "etcd-lock"), ("installed", "etcd-lock")):
             results[name] = _measure_agent(work, name, strategy, etcd, args.seconds, args.warmup, env)
+        results["check process"] = _measure_check_process(work, env)
 
     if args.json:
         print(json.dumps(results, indent=2, sort_keys=True))
         return 0
     lock, off, imports, bare = results["etcd-lock"], results["off"], results["imports"], results["python"]
-    queued, policy, checked = results["queued"], results["policy"], results["checked"]
+    queued, policy, checked, installed = results["queued"], results["policy"], results["checked"], results["installed"]
+    check_process = results["check process"]
     where = "this tree (compiled on import)" if args.from_tree else "a compiled copy of this tree"
     print(f"idle update-agent from {where}, {lock['seconds']:.0f} s measured after a {args.warmup:.0f} s warm-up\n")
     print(f"{'process':<38} {'RSS':>9} {'anon':>9} {'file':>9} {'peak RSS':>9} {'CPU % of a core':>16}")
     for name, row in (("python -c (bare interpreter)", bare), ("python + agent imports", imports),
                       ("update-agent, strategy off", off), ("update-agent, strategy etcd-lock", lock),
                       ("etcd-lock, queued for a slot", queued), ("etcd-lock, group has a policy", policy),
-                      ("etcd-lock, after a check (no update)", checked)):
+                      ("etcd-lock, after a check (no update)", checked),
+                      ("etcd-lock, update applied, queued", installed)):
         peak = _mb(row["hwm"]) if "hwm" in row else "-"
         print(f"{name:<38} {_mb(row['rss']):>9} {_mb(row['anon']):>9} {_mb(row['file']):>9} {peak:>9} "
               f"{row['cpu_pct']:>15.3f}%")
@@ -403,8 +444,11 @@ def main() -> int:
           f"{lock['hwm'] / imports['rss']:.2f}x the import floor, {lock['hwm'] / off['hwm']:.2f}x strategy off "
           f"(target <= 60 MB: {'met' if lock['hwm'] <= 60e6 else 'NOT met'}); anonymous {_mb(lock['anon'])}")
     print(f"etcd-lock after its first check (no update): peak RSS {_mb(checked['hwm'])} "
-          f"(target <= 60 MB: {'met' if checked['hwm'] <= 60e6 else 'NOT met'}): the channel and signature "
-          "code stays loaded between checks")
+          f"(target <= 60 MB: {'met' if checked['hwm'] <= 60e6 else 'NOT met'}): the check ran in a child process")
+    print(f"  the check process (python -m updateagent.checker, one check): peak RSS {_mb(check_process['hwm'])}, "
+          f"CPU {check_process['cpu_seconds']:.2f} s in {check_process['seconds']:.2f} s, then it exits")
+    print(f"etcd-lock after applying an update, queued for the slot to reboot: peak RSS {_mb(installed['hwm'])} "
+          "(the download ran in the agent; requests, urllib3 and zstandard stay loaded until the reboot)")
     print(f"etcd-lock CPU: {lock['cpu_pct']:.3f}% of a core (target < 1%: "
           f"{'met' if lock['cpu_pct'] < 1 else 'NOT met'}); strategy off: {off['cpu_pct']:.3f}%")
     print("\netcd requests (etcd's /metrics; stream messages counted one by one), strategy etcd-lock:")
@@ -416,14 +460,23 @@ def main() -> int:
     print(f"  queued agent: RSS {_mb(queued['rss'])}, CPU {queued['cpu_pct']:.3f}% of a core")
     if off["etcd_per_minute"] or off["etcd_startup"]:
         print("strategy off (should be none):", off["etcd_startup"], off["etcd_per_minute"])
-    print("\nfloor: RSS after each import, in one interpreter (VmRSS; the last rows are imported only "
-          "when needed)")
+    print("\netcd requests per minute, every agent (unary calls and stream messages):")
+    for name in ("off", "etcd-lock", "queued", "policy", "checked", "installed"):
+        rates = results[name]["etcd_per_minute"]
+        print(f"  {name:<10} " + (", ".join(f"{m} {v:.1f}" for m, v in rates.items()) or "none"))
+    print("\nfloor: RSS after each import, in one interpreter (VmRSS). The last rows are imported only "
+          "when needed, and not by the agent's\nidle process: requests, urllib3 and cryptography by the "
+          "check process, requests, urllib3 and zstandard by a download, jsonschema\nwhen a stored policy "
+          "is validated")
     last = 0.0
     for name, rss, lazy in results["floor"]:
-        print(f"  {name:<34} {_mb(rss):>9} {'+' + _mb(rss - last) if last else '':>10}")
+        print(f"  {name:<46} {_mb(rss):>9} {'+' + _mb(rss - last) if last else '':>10}")
         last = rss
         if name == FLOOR_STEPS[-1][0]:
             print(f"  {'(the agent has loaded ' + (', '.join(lazy) or 'none of ' + ', '.join(LAZY_MODULES)) + ')'}")
+    print(f"the idle etcd-lock agent's floor: {_mb(lock['hwm'])} peak = {_mb(imports['rss'])} of imports + "
+          f"{_mb(lock['hwm'] - imports['rss'])} running (gRPC channel and threads, watches, D-Bus, metrics thread); "
+          "between checks it stays there")
     return 0
 
 

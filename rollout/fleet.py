@@ -174,6 +174,7 @@ class SimHost:
         return self._settings
 
     async def run(self) -> None:
+        from updateagent.checker import in_thread
         from updateagent.daemon import build_agent
 
         if self.boot_delay > 0:  # the fleet does not come up at one instant
@@ -185,7 +186,8 @@ class SimHost:
         await asyncio.to_thread(self.machine.power_cycle)  # power on: slot A
         while True:
             strategy = self.make_strategy(self) if self.make_strategy is not None else None
-            agent = build_agent(self.settings(), host=self.machine, clock=self.clock, reboot_strategy=strategy)
+            agent = build_agent(self.settings(), host=self.machine, clock=self.clock, reboot_strategy=strategy,
+                                run_check=in_thread)  # a process per check is no way to run 1,000 hosts
             self.agent = agent
             self.strategy = strategy if strategy is not None else agent.reboot_strategy
             agent.subscribe(on_status=lambda _status: self.observer.touch(), on_event=self._on_agent_event)

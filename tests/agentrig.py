@@ -25,6 +25,7 @@ from httpserver import FileServer
 
 from updateagent.agent import Agent
 from updateagent.bootloader import BootRecord, EmulatedBootloader
+from updateagent.checker import CheckRunner
 from updateagent.config import AgentSettings, load_settings
 from updateagent.daemon import build_agent
 from updateagent.host import EmulatedHost
@@ -139,9 +140,11 @@ class Rig:
     def settings(self, **kwargs: Any) -> AgentSettings:
         return load_settings(self.write_config(**kwargs), update_conf_paths=(), env={})
 
-    def agent(self, settings: AgentSettings | None = None, **kwargs: Any) -> Agent:
+    def agent(self, settings: AgentSettings | None = None, *, run_check: CheckRunner | None = None,
+              **kwargs: Any) -> Agent:
+        """The daemon's agent; ``run_check``: where its checks run (default: a child process)."""
         settings = settings or self.settings(**kwargs)
-        return build_agent(settings, host=self.host())
+        return build_agent(settings, host=self.host(), run_check=run_check)
 
 
 def wait_for_log(proc: subprocess.Popen[bytes], path: Path, event: str, *, timeout: float = 30,

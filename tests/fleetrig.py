@@ -35,6 +35,7 @@ from locksmith.etcd import Etcd, EtcdConfig
 from locksmith.keys import Layout
 from updateagent.agent import Agent, Phase
 from updateagent.bootloader import EmulatedBootloader
+from updateagent.checker import in_thread
 from updateagent.config import load_settings
 from updateagent.daemon import build_agent
 from updateagent.release import keygen
@@ -241,7 +242,7 @@ class Machine:
             self.proc = await asyncio.to_thread(self._spawn, config, env)
             return
         settings = load_settings(config, update_conf_paths=(), env={})
-        self.agent = build_agent(settings, clock=self.fleet.clock)
+        self.agent = build_agent(settings, clock=self.fleet.clock, run_check=in_thread)  # as the simulator
         self.agent.subscribe(lambda _s: self.changed.set(), lambda _e: self.changed.set())
         self.agent.reboot_strategy.subscribe(lambda _t: self.changed.set())
         self.changed.set()

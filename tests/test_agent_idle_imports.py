@@ -5,11 +5,13 @@ requests + urllib3, zstandard, cryptography and jsonschema cost an idle ``update
 they are used; this guards it: the real daemon, in the etcd-lock strategy with a signing key
 configured, runs until it is ready and its coordinator has opened the etcd backend, with
 ``PYTHONPROFILEIMPORTTIME`` set, so the interpreter itself lists every module the process
-imported during its life.
+imported during its life. Again after its first check against a real channel: the check runs in
+a child process (updateagent.checker), whose imports show in the log as its stderr lines.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -51,8 +53,9 @@ def test_lazy_packages_exist() -> None:
     assert all(importlib.util.find_spec(name) is not None for name in LAZY)
 
 
-def test_an_idle_etcd_lock_agent_does_not_import_the_download_verify_and_schema_stack(
-        rig: Rig, bus: PrivateBus, tmp_path: Path, etcd_config: EtcdConfig, prefix: str) -> None:
+def _run_agent(rig: Rig, bus: PrivateBus, tmp_path: Path, etcd_config: EtcdConfig, prefix: str,
+               *events: tuple[str, dict[str, object]], **check: object) -> str:
+    """The real daemon, idle in etcd-lock, until it logged each of ``events``; its log."""
     extra = f"""
 [reboot]
 strategy = "etcd-lock"
@@ -67,7 +70,7 @@ group = "idle"
 [metrics]
 listen = "127.0.0.1:0"
 """
-    config = rig.write_config(extra=extra)  # with the rig's release key: verified, not insecure
+    config = rig.write_config(extra=extra, **check)  # with the rig's release key: verified, not insecure
     log = tmp_path / "agent.log"
     env = {**os.environ, "PYTHONPROFILEIMPORTTIME": "1"}
     with log.open("w") as out:
@@ -79,17 +82,51 @@ listen = "127.0.0.1:0"
         # Idle in etcd-lock: the coordinator has connected, read the (default) policy and
         # follows the group's semaphore.
         wait_for_log(proc, log, "coordinator_backend_open", timeout=30, backend="etcd-lock")
+        for event, fields in events:
+            wait_for_log(proc, log, event, timeout=60, **fields)
         proc.terminate()
         assert proc.wait(timeout=20) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    imported = _imported(log.read_text())
+    return log.read_text()
+
+
+def test_an_idle_etcd_lock_agent_does_not_import_the_download_verify_and_schema_stack(
+        rig: Rig, bus: PrivateBus, tmp_path: Path, etcd_config: EtcdConfig, prefix: str) -> None:
+    imported = _imported(_run_agent(rig, bus, tmp_path, etcd_config, prefix))
     # The log really lists the process's imports, lazy ones included.
     assert {"grpc", "dbus_fast", "prometheus_client", "locksmith", "updateagent"} <= imported
     loaded = {name: why for name, why in LAZY.items() if name in imported}
     assert not loaded, f"an idle agent imported packages it needs only for: {loaded}"
+
+
+def test_after_its_first_check_the_agent_has_still_not_imported_them(
+        rig: Rig, bus: PrivateBus, tmp_path: Path, etcd_config: EtcdConfig, prefix: str) -> None:
+    """The check (manifest and signature over HTTP, verified) runs in a child process
+    (updateagent.checker): the daemon stays at its floor between checks."""
+    rig.publish("1.0.0", size=64 * 1024)  # the running version, signed: the check finds nothing to do
+    text = _run_agent(rig, bus, tmp_path, etcd_config, prefix,
+                      ("manifest_fetched", {"version": "1.0.0"}), ("check_done", {"outcome": "no_update"}),
+                      on_start=True)
+    own = _imported(text)
+    assert {"grpc", "dbus_fast", "locksmith", "updateagent"} <= own
+    loaded = {name: why for name, why in LAZY.items() if name in own}
+    assert not loaded, f"after a check the agent has imported packages it needs only for: {loaded}"
+    # The check did fetch and verify, in a process whose stderr the agent logged.
+    child = _imported("\n".join(str(entry.get("line", "")) for entry in _entries(text)
+                                if entry.get("event") == "check_process_output"))
+    assert {"requests", "urllib3", "cryptography"} <= child
+
+
+def _entries(text: str) -> list[dict[str, object]]:
+    entries = []
+    for line in text.splitlines():
+        if line.startswith("{"):
+            with contextlib.suppress(ValueError):
+                entries.append(json.loads(line))
+    return entries
 
 
 @pytest.mark.parametrize("code, package", [

@@ -24,6 +24,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from updateagent import gpt
 from updateagent.agent import Agent, Phase
 from updateagent.bootloader import choose_partition, read_boot_record
+from updateagent.checker import in_thread
 
 IMAGE = 1 * MiB
 
@@ -50,7 +51,10 @@ class AgentMachine(RuleBasedStateMachine):
 
         async def go() -> Phase:
             # A new agent object every step: restarts within a boot must be harmless too.
-            self.agent = self.rig.agent(health=health)
+            # Checks in a thread (as the simulator runs them): this explores the agent's state
+            # machine, and a process per check would double its time; tests/test_checker.py
+            # holds the two ways to the same results.
+            self.agent = self.rig.agent(health=health, run_check=in_thread)
             await self.agent.start()
             return await self.agent.run_until_settled(check=check)
 

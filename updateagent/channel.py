@@ -13,20 +13,24 @@ import os
 import re
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import total_ordering
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urljoin, urlsplit
-
-import requests
-import urllib3
 
 from locksmith.files import InputFileError, InputFileNotFoundError, read_bytes
 from locksmith.log import get_logger
 from updateagent.errors import ChannelError, PayloadError, PolicyRefused, SignatureError
-from updateagent.signature import KeySet
+
+if TYPE_CHECKING:
+    # requests + urllib3 (~5 MiB resident) are imported by the HTTP functions below, when they
+    # run: the daemon parses and judges a manifest fetched by its check process
+    # (updateagent.checker) and never loads them.
+    import requests
+
+    from updateagent.signature import KeySet
 
 _log = get_logger(__name__)
 
@@ -258,14 +262,20 @@ def parse_manifest(data: bytes, where: str = MANIFEST_NAME) -> Manifest:
 
 def new_session(max_redirects: int = MAX_REDIRECTS) -> requests.Session:
     """A session with a bounded redirect count (a redirect loop fails fast, with a clear error)."""
+    import requests
+
     s = requests.Session()
     s.max_redirects = max_redirects
     s.headers["User-Agent"] = USER_AGENT
     return s
 
 
-# A connection that failed or broke off may work on the next try; a redirect loop or a bad URL will not.
-TRANSIENT_REQUEST_ERRORS = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
+def transient_request_errors() -> tuple[type[Exception], ...]:
+    """The requests failures worth retrying: a connection that failed or broke off may work on
+    the next try; a redirect loop or a bad URL will not."""
+    import requests
+
+    return (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
 
 
 def transient_status(code: int) -> bool:
@@ -285,6 +295,8 @@ def session_scope(session: requests.Session | None) -> Iterator[requests.Session
 
 def describe_request_error(url: str, exc: requests.RequestException) -> str:
     """One clear line for a requests failure, shared by the channel and the installer."""
+    import requests
+
     if isinstance(exc, requests.TooManyRedirects):
         return f"{url}: redirect loop (gave up after too many redirects)"
     if isinstance(exc, requests.exceptions.ChunkedEncodingError):
@@ -317,6 +329,9 @@ def _fetch_small(
 ) -> tuple[bytes, str]:
     """GET ``url``: (body, the URL that answered after redirects). ``deadline`` is a
     ``time.monotonic()`` instant the whole body must have arrived by."""
+    import requests
+    import urllib3
+
     limit = f"{what} did not arrive within the fetch deadline"
     try:
         left = deadline - time.monotonic()
@@ -355,7 +370,7 @@ def _fetch_small(
                     raise ChannelError(f"{final}: {what} is larger than {MAX_MANIFEST_BYTES} bytes")
     except requests.RequestException as exc:
         raise ChannelError(describe_request_error(url, exc),
-                           transient=isinstance(exc, TRANSIENT_REQUEST_ERRORS)) from exc
+                           transient=isinstance(exc, transient_request_errors())) from exc
     if declared is not None and declared.isdigit() and int(declared) != len(body):
         # What a connection cut short looks like when the transport did not notice.
         raise ChannelError(f"{final}: wrong Content-Length: header says {declared}, body has {len(body)} bytes",
@@ -370,6 +385,8 @@ class ChannelRelease:
     manifest: Manifest
     manifest_url: str  # the URL that answered (after redirects), or a local path for a channel directory
     key_id: str | None  # None only when accepted unsigned under channel.insecure
+    # The manifest's bytes as verified: how a check process hands the release to the daemon.
+    data: bytes = field(default=b"", repr=False, compare=False)
 
     @property
     def payload_url(self) -> str:
@@ -431,7 +448,7 @@ def fetch(
     if final != url:
         _log.info("manifest_redirected", url=url, final_url=final)
     _log.info("manifest_fetched", url=final, version=str(manifest.version), key_id=kid)
-    return ChannelRelease(manifest, final, kid)
+    return ChannelRelease(manifest, final, kid, data)
 
 
 def load_dir(
@@ -453,7 +470,7 @@ def load_dir(
         except InputFileError as exc:
             raise SignatureError(str(exc)) from None
     kid = _verify(data, sig, keys, where, insecure)
-    return ChannelRelease(parse_manifest(data, where), where, kid)
+    return ChannelRelease(parse_manifest(data, where), where, kid, data)
 
 
 # --------------------------------------------------------------------------- policy

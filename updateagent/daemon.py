@@ -29,6 +29,7 @@ from prometheus_client import CollectorRegistry
 from locksmith.clock import SYSTEM_CLOCK, Clock
 from locksmith.log import configure, get_logger
 from updateagent.agent import Agent, Phase
+from updateagent.checker import CheckRunner
 from updateagent.cli._common import fail_cleanly
 from updateagent.config import AgentSettings, ConfigError, effective_settings, format_effective, load_settings
 from updateagent.health import HealthChecker
@@ -64,13 +65,17 @@ def build_agent(
     host: Host | None = None,
     clock: Clock = SYSTEM_CLOCK,
     reboot_strategy: RebootStrategy | None = None,
+    run_check: CheckRunner | None = None,
 ) -> Agent:
-    """The agent the daemon runs, wired from settings. Tests and the simulator call this too."""
+    """The agent the daemon runs, wired from settings. Tests and the simulator call this too.
+
+    ``run_check``: where update checks run (``updateagent.checker``); by default in a child
+    process, as the daemon runs them; ``checker.in_thread`` in this process."""
     host = host or build_host(settings)
     manifest_url = settings.manifest_url()
     source = (
         ChannelSource(manifest_url, settings.keys, insecure=settings.insecure, deadline=settings.fetch_deadline,
-                      stall_bytes=settings.stall_bytes, stall_seconds=settings.stall_seconds)
+                      run_check=run_check, stall_bytes=settings.stall_bytes, stall_seconds=settings.stall_seconds)
         if manifest_url is not None else None
     )
     return Agent(

@@ -38,7 +38,6 @@ import zstandard
 from locksmith.log import get_logger
 from updateagent.channel import (
     DEFAULT_TIMEOUT,
-    TRANSIENT_REQUEST_ERRORS,
     Manifest,
     Version,
     describe_request_error,
@@ -46,6 +45,7 @@ from updateagent.channel import (
     require_compression,
     session_scope,
     set_read_timeout,
+    transient_request_errors,
     transient_status,
 )
 from updateagent.errors import DownloadError, PayloadError, UpdateAgentError
@@ -278,7 +278,7 @@ class _HttpSource:
             headers["Range"] = f"bytes={self.received}-"
         try:
             resp = self._session.get(self.url, stream=True, timeout=self._timeout, headers=headers)
-        except TRANSIENT_REQUEST_ERRORS as exc:
+        except transient_request_errors() as exc:
             raise _Retryable(describe_request_error(self.url, exc)) from exc
         except requests.RequestException as exc:
             raise DownloadError(describe_request_error(self.url, exc)) from exc

@@ -201,6 +201,20 @@ class KeySet:
                 key_set._add(_parse_public_raw(_read_small(f, "public key"), str(f)))
         return key_set
 
+    @classmethod
+    def from_raw(cls, keys: Iterable[bytes]) -> KeySet:
+        """The key set :meth:`raw` describes (how the agent hands its keys to its check process)."""
+        key_set = cls()
+        for raw in keys:
+            if len(raw) != 32:
+                raise SignatureError(f"raw Ed25519 public key has {len(raw)} bytes, not 32")
+            key_set._add(raw)
+        return key_set
+
+    def raw(self) -> list[bytes]:
+        """The trusted keys as raw 32-byte Ed25519 public keys."""
+        return list(self._keys.values())
+
     @property
     def key_ids(self) -> list[str]:
         return sorted(self._keys)
