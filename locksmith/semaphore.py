@@ -610,7 +610,6 @@ async def _attach(etcd: Etcd, layout: Layout, check_every: float) -> _Mirror:
 async def _detach(mirror: _Mirror) -> None:
     mirror.users -= 1
     if mirror.users > 0:
-        mirror._wake_all()  # the closing Semaphore's own waiters see it closed
         return
     mirrors = _MIRRORS.get(mirror.etcd, {})
     if mirrors.get(mirror.layout.base) is mirror:
@@ -675,6 +674,7 @@ class Semaphore:
         self._closed = False
         self._closing = asyncio.Event()
         self._listener_stops: list[Callable[[], None]] = []
+        self._wakes: set[asyncio.Event] = set()  # of this object's waiting lock() calls
 
     # -- public API ---------------------------------------------------------------------------------
 
@@ -693,6 +693,7 @@ class Semaphore:
         if held is not None:
             return held
         wake = mirror.register(holder_id)
+        self._wakes.add(wake)
         att = _Attempt()
         enqueued_at = 0  # revision of our queue put; 0 = not queued
         lease: Lease | None = None  # the lease our queue key is on
@@ -771,6 +772,7 @@ class Semaphore:
                     delay = min(delay * 2, 5.0)
         finally:
             mirror.unregister(holder_id, wake)
+            self._wakes.discard(wake)
             if granted is None:
                 if att.queued or att.nonces:
                     self._spawn_abandon(holder_id, att)
@@ -914,6 +916,7 @@ class Semaphore:
         self._closing.set()
         for stop in self._listener_stops:
             stop()
+        self._wake_own()  # they see it closed (the mirror may live on for other Semaphores)
         if self._mirror is not None:
             mirror, self._mirror = self._mirror, None
             await _detach(mirror)
@@ -966,8 +969,12 @@ class Semaphore:
     async def _guard_lease(self, lease: Lease) -> None:
         # A lost lease took our queue keys with it: wake the waiters so they re-queue at once.
         await lease.lost.wait()
-        if self._mirror is not None:
-            self._mirror._wake_all()
+        self._wake_own()
+
+    def _wake_own(self) -> None:
+        """Wake this object's waiting lock() calls (not those of other Semaphores on the mirror)."""
+        for wake in self._wakes:
+            wake.set()
 
     async def holder(self, holder_id: str) -> Holder | None:
         """A fresh read of ``holder_id``'s grant in this group (one key, however long the line)."""

@@ -185,3 +185,30 @@ async def test_moves_of_the_line_wake_a_queued_etcd_slot_at_most_every_position_
     for t in ahead:
         t.cancel()
     await asyncio.gather(*ahead, return_exceptions=True)
+
+
+async def test_closing_one_semaphore_ends_only_its_own_lock_calls(
+        etcd: Etcd, layout: Layout, other: Semaphore) -> None:
+    """Two Semaphores on one client share the group's mirror; each still ends on its own close:
+    the other's waiter keeps its place and is granted."""
+    a = Semaphore(etcd, "g", prefix=layout.prefix)
+    b = Semaphore(etcd, "g", prefix=layout.prefix)
+    try:
+        await other.lock("holder")  # the one slot (no policy: max 1)
+        since = await etcd.revision()
+        waits_a = asyncio.create_task(a.lock("x"))
+        await wait_event(etcd, layout.queue, since + 1, put_of(layout.waiter("x")))
+        waits_b = asyncio.create_task(b.lock("y"))
+        await wait_event(etcd, layout.queue, since + 1, put_of(layout.waiter("y")))
+        await a.close()
+        with pytest.raises(LocksmithError, match="closed"):
+            await asyncio.wait_for(waits_a, 10)
+        assert not waits_b.done()
+        assert await other.unlock("holder")
+        granted = await asyncio.wait_for(waits_b, 10)
+        assert granted.id == "y"
+        st = await read_state(etcd, "g", prefix=layout.prefix)
+        assert [h.id for h in st.holders] == ["y"] and st.queue == []  # x left the line on close
+    finally:
+        await a.close()
+        await b.close()
