@@ -415,8 +415,7 @@ class _Mirror:
         self._last_event = 0.0  # loop time of the last applied batch (or check)
         self.users = 0  # Semaphores attached (see _attach)
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._state: SemaphoreState | None = None  # view.state() as of _state_rev, built once per move
-        self._state_rev = -1
+        self._state: SemaphoreState | None = None  # view.state(), built once per move (_advanced drops it)
         self.listeners: list[Callable[[], None]] = []
 
     async def start(self) -> None:
@@ -444,10 +443,8 @@ class _Mirror:
     def state(self) -> SemaphoreState:
         """``view.state()``, built once per move of the view: every follower of a shared mirror
         reads the same snapshot (treat it as read-only)."""
-        view = self.view
-        if self._state is None or self._state_rev != view.revision or view.corrupt:
-            self._state = view.state()
-            self._state_rev = view.revision
+        if self._state is None:
+            self._state = self.view.state()  # raises while a value is corrupt: nothing cached
         return self._state
 
     def register(self, holder_id: str) -> asyncio.Event:

@@ -191,7 +191,7 @@ class Simulation:
 
     def power_changed(self, host: SimHost, power: str) -> None:
         assert self.watcher is not None
-        self._activity += 1
+        self.touch()
         if power == "down":
             self._downs += 1
             if self._downs >= max(1, len(self.hosts) // 3):
@@ -200,7 +200,7 @@ class Simulation:
         self.events.append((self.clock.elapsed(), host.name, f"power_{power}"))
 
     def host_event(self, host: SimHost, name: str, **details: Any) -> None:
-        self._activity += 1
+        self.touch()
         if name in ("update_applied", "boot_outcome", "agent_killed", "error"):
             self.events.append((self.clock.elapsed(), host.name, name))
 
@@ -502,10 +502,8 @@ class Simulation:
     async def _wait_end(self, bar: Progress, host_tasks: list[asyncio.Task[Any]]) -> str:
         assert self.watcher is not None
         stall_after = self._stall_after()
-        pause = 0.05
         while True:
-            await asyncio.sleep(pause)
-            t0 = time.monotonic()
+            await asyncio.sleep(0.05)
             for t in host_tasks:
                 if t.done() and not t.cancelled() and t.exception() is not None:
                     raise t.exception()  # type: ignore[misc]
@@ -523,7 +521,6 @@ class Simulation:
                 return "horizon"
             if parked and elapsed - self.watcher.last_progress > stall_after:
                 return "stalled"
-            pause = max(0.05, 10 * (time.monotonic() - t0))  # a big fleet: at most a tenth of the loop
 
     def _stall_after(self) -> float:
         longest_gap = 0.0

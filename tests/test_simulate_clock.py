@@ -91,7 +91,7 @@ async def test_with_activity_the_pacer_looks_at_the_fleet_once_per_change() -> N
         parked[0] = False
         activity[0] += 1  # a host woke up: the pacer must look again and see it busy
         second = asyncio.ensure_future(sleeper())
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.2)  # a window in which no jump may happen (4 settle periods), not a sync
         assert not second.done() and clock.jumps == 1
         parked[0] = True
         activity[0] += 1

@@ -172,7 +172,7 @@ class EtcdSlot:
         if st is None:
             poke.set()
             return
-        head = bool(st.queue) and st.queue[0].id == self.holder_id
+        head = self._is_head(st)
         if head != self._was_head:  # the head's turn comes first: every holder's turn moved
             self._was_head = head
             self._tended = set()
@@ -186,9 +186,7 @@ class EtcdSlot:
             self._tended.add(h.revision)  # its turn comes after the next wake: it is seen then
         if not self._acquiring or self._deferred is not None or self.position_refresh == math.inf:
             return
-        ids = [w.id for w in st.queue]
-        pos = ids.index(self.holder_id) + 1 if self.holder_id in ids else None
-        if pos == self._position:
+        if self._place(st) == self._position:
             return
         wait = self._refreshed_at + self.position_refresh - self.clock.monotonic()
         if wait <= 0:
@@ -265,10 +263,19 @@ class EtcdSlot:
         st = self._mirror()
         if st is None:
             return None
-        ids = [w.id for w in st.queue]
-        pos = ids.index(self.holder_id) + 1 if self.holder_id in ids else None
+        pos = self._place(st)
         self._position, self._refreshed_at = pos, self.clock.monotonic()
-        return QueueInfo(position=pos, length=len(ids), holders=len(st.holders), slots=st.max, paused=st.paused)
+        return QueueInfo(position=pos, length=len(st.queue), holders=len(st.holders), slots=st.max, paused=st.paused)
+
+    def _place(self, st: SemaphoreState) -> int | None:
+        """This host's place in the line (1 = next), or None when it is not in it."""
+        for i, w in enumerate(st.queue, 1):
+            if w.id == self.holder_id:
+                return i
+        return None
+
+    def _is_head(self, st: SemaphoreState) -> bool:
+        return bool(st.queue) and st.queue[0].id == self.holder_id
 
     async def tend(self, now: datetime) -> datetime | None:
         """Report and (on_timeout = release) free other hosts' overdue slots when it is this
@@ -280,7 +287,7 @@ class EtcdSlot:
         release = policy.on_timeout == "release"
         nxt: datetime | None = None
         self._tended = {h.revision for h in st.holders}
-        self._was_head = bool(st.queue) and st.queue[0].id == self.holder_id
+        self._was_head = self._is_head(st)
         self._next_tend = None
         for h in st.holders:
             if h.id == self.holder_id or h.deadline is None:
@@ -311,7 +318,7 @@ class EtcdSlot:
     def _overdue_turn(self, h: Holder, st: SemaphoreState) -> datetime:
         """When this host deals with ``h`` once it is overdue (see the module doc)."""
         assert h.deadline is not None
-        if st.queue and st.queue[0].id == self.holder_id:
+        if self._is_head(st):
             return h.deadline + _JUST_AFTER
         share = zlib.crc32(f"{self.holder_id}/{h.id}/{h.revision}".encode()) / 2**32
         return h.deadline + _JUST_AFTER + OVERDUE_GRACE + OVERDUE_SPREAD * share
