@@ -414,6 +414,7 @@ class _Mirror:
         self._checker: asyncio.Task[None] | None = None
         self._last_event = 0.0  # loop time of the last applied batch (or check)
         self.users = 0  # Semaphores attached (see _attach)
+        self.fast_inflight = 0  # fast-path grants in flight through this mirror (see Semaphore.lock)
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._state: SemaphoreState | None = None  # view.state(), built once per move (_advanced drops it)
         self.listeners: list[Callable[[], None]] = []
@@ -720,9 +721,15 @@ class Semaphore:
                         if granted is not None:
                             return granted
                     if not enqueued_at:
-                        if not fast_tried and view.fast_path_open():
+                        # No more fast-path grants in flight from this process than free slots:
+                        # the rest would only lose the race (a FleetLock server, a simulated fleet).
+                        if not fast_tried and view.fast_path_open() and mirror.fast_inflight < view.available:
                             fast_tried = True
-                            granted = await self._grant(view, holder_id, reason, hold, queued=None, att=att)
+                            mirror.fast_inflight += 1
+                            try:
+                                granted = await self._grant(view, holder_id, reason, hold, queued=None, att=att)
+                            finally:
+                                mirror.fast_inflight -= 1
                             if granted is not None:
                                 return granted
                             continue

@@ -11,6 +11,7 @@ import pytest
 from fleetrig import StepClock
 from test_semaphore import put_of, wait_event
 
+from locksmith.embedded import EmbeddedEtcd
 from locksmith.errors import CorruptValueError, LocksmithError
 from locksmith.etcd import Etcd
 from locksmith.keys import Layout
@@ -212,3 +213,32 @@ async def test_closing_one_semaphore_ends_only_its_own_lock_calls(
     finally:
         await a.close()
         await b.close()
+
+
+TXNS = 'grpc_server_handled_total{grpc_code="OK",grpc_method="Txn",grpc_service="etcdserverpb.KV",grpc_type="unary"}'
+
+
+async def test_a_herd_in_one_process_sends_no_more_fast_path_grants_than_free_slots(
+        etcd_server: EmbeddedEtcd, etcd: Etcd, layout: Layout, other: Semaphore) -> None:
+    """Twenty lock() calls at once on an idle group with 2 slots (a FleetLock server, a simulated
+    fleet): a few grant transactions per free slot, not one per caller of which all but the
+    winners must fail (21 transactions, 19 failed, before)."""
+    await other.set_max(2)
+    since = await etcd.revision()
+    before = etcd_server.metrics().get(TXNS, 0.0)
+    waits = [asyncio.create_task(other.lock(f"h{i}")) for i in range(20)]
+    try:
+        seen = since
+        while True:  # until both slots are taken and the rest wait in line, as the watch shows it
+            st = other.snapshot()
+            if st is not None and len(st.holders) == 2 and len(st.queue) == 18:
+                break
+            seen = await asyncio.wait_for(other.changed(seen), 10)
+        st = await read_state(etcd, "g", prefix=layout.prefix)
+        assert len(st.holders) == 2 and len(st.queue) == 18
+        # Per free slot at most: one fast-path try, one grant from the line, one lost race.
+        assert etcd_server.metrics().get(TXNS, 0.0) - before <= 3 * 2
+    finally:
+        for t in waits:
+            t.cancel()
+        await asyncio.gather(*waits, return_exceptions=True)
